@@ -1,0 +1,54 @@
+"""The FastAPI application: routers, access control, error bodies.
+
+Every error answer is JSON with an ``error`` text; validation errors also
+carry ``detail`` with the field path, so a caller knows which field to fix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from . import bounce, status, suspend
+from .auth import Access
+
+if TYPE_CHECKING:
+    from ..server import Services
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query")]
+    return ".".join(parts) or "body"
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(title="Sluice", version=__version__, openapi_url="/api-docs/openapi.json",
+                  docs_url="/api-docs")
+    app.state.services = services
+    guard = [Depends(Access(services.settings.http))]
+    for module in (bounce, suspend, status):
+        app.include_router(module.router, dependencies=guard)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = []
+        for err in exc.errors():
+            field = _field(tuple(err.get("loc", ())))
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown field"
+            details.append({"field": field, "problem": msg})
+        text = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
+        return JSONResponse(status_code=422, content={"error": text, "detail": details})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
+                            headers=getattr(exc, "headers", None))
+
+    return app

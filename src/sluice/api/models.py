@@ -1,0 +1,167 @@
+"""Request and response types of the admin API, in one place.
+
+Field names and defaults follow KumoMTA's admin API. Unknown fields are
+rejected; a bad value raises a validation error naming the field (422).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from typing import Annotated
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr,
+                      field_validator, model_validator)
+
+from ..durations import DurationError, parse_duration
+from ..message import AddressError, normalize_domain
+
+DEFAULT_DURATION = "5m"
+
+
+def _domain(v: str | None) -> str | None:
+    if v is None:
+        return None
+    try:
+        return normalize_domain(v)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _label(v: str | None) -> str | None:
+    if v is None:
+        return None
+    v = v.strip()
+    if not v:
+        raise ValueError("must not be empty")
+    return v
+
+
+Domain = Annotated[StrictStr | None, AfterValidator(_domain)]
+Label = Annotated[StrictStr | None, AfterValidator(_label)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuleRequest(_Strict):
+    """What bounce and suspend rules have in common: selection and lifetime."""
+
+    reason: StrictStr = Field(description="Why; shown in the list and the log records.")
+    campaign: Label = None
+    tenant: Label = None
+    domain: Domain = None
+    routing_domain: Domain = None
+    queue_names: list[StrictStr] | None = Field(
+        default=None, description="Exact scheduled queue names, instead of criteria.")
+    duration: StrictStr | None = Field(
+        default=None, description="How long the rule stays in force, e.g. '5m', '1h 30m' (default 5m).")
+    expires: dt.datetime | None = Field(
+        default=None, description="RFC 3339 time the rule ends, instead of duration.")
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("queue_names")
+    @classmethod
+    def _queue_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        names = [q.strip() for q in v]
+        if not names or any(not q for q in names):
+            raise ValueError("must be a non-empty list of non-empty queue names")
+        return names
+
+    @field_validator("duration")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            seconds = parse_duration(v)
+        except DurationError as exc:
+            raise ValueError(str(exc)) from None
+        if seconds <= 0:
+            raise ValueError("must be longer than 0s")
+        return v
+
+    @field_validator("expires")
+    @classmethod
+    def _expires(cls, v: dt.datetime | None) -> dt.datetime | None:
+        if v is None:
+            return None
+        if v.tzinfo is None:
+            raise ValueError("must include a time zone (RFC 3339), e.g. 2026-01-01T00:00:00Z")
+        if v.timestamp() <= time.time():
+            raise ValueError("must be in the future")
+        return v
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> RuleRequest:
+        if self.duration is not None and self.expires is not None:
+            raise ValueError("give either duration or expires, not both")
+        if self.queue_names is not None and any(
+                (self.campaign, self.tenant, self.domain, self.routing_domain)):
+            raise ValueError("queue_names cannot be combined with campaign, tenant, domain "
+                             "or routing_domain")
+        return self
+
+    def expires_at(self) -> float:
+        if self.expires is not None:
+            return self.expires.timestamp()
+        return time.time() + parse_duration(self.duration or DEFAULT_DURATION)
+
+
+class BounceRequest(RuleRequest):
+    suppress_logging: StrictBool = Field(default=False, description="Write no AdminBounce records.")
+    dry_run: StrictBool = Field(default=False, description="Only report what would be bounced.")
+
+
+class BounceResponse(BaseModel):
+    id: str
+    bounced: dict[str, int]
+    total_bounced: int
+
+
+class DryRunResponse(BaseModel):
+    dry_run: bool = True
+    queues: dict[str, int]
+    total: int
+
+
+class RuleListEntry(BaseModel):
+    id: str
+    campaign: str | None
+    tenant: str | None
+    domain: str | None
+    routing_domain: str | None
+    queue_names: list[str]
+    reason: str
+    duration: str
+
+
+class BounceListEntry(RuleListEntry):
+    bounced: dict[str, int]
+    total_bounced: int
+
+
+class RuleId(_Strict):
+    id: uuid.UUID
+
+
+class SuspendRequest(RuleRequest):
+    pass
+
+
+class SuspendResponse(BaseModel):
+    id: str
+
+
+class ErrorResponse(BaseModel):
+    error: str

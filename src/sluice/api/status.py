@@ -1,0 +1,24 @@
+"""Liveness and the queue summary behind ``kcli queue-summary``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from .deps import services
+
+router = APIRouter(tags=["status"])
+
+
+@router.get("/api/check-liveness/v1")
+async def liveness() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/metrics.json")
+async def metrics_json(svc=Depends(services)) -> dict:
+    """Scheduled queue sizes and per-site ready queue figures."""
+    scheduled = {q: n for q, n in list(svc.spool.counts.items()) if n > 0}
+    ready = {name: {"delivered": s.delivered, "failed": s.failed, "connections": s.connections,
+                    "queued": len(s.queue) + len(s.in_flight)}
+             for name, s in list(svc.manager.sites.items())}
+    return {"scheduled": scheduled, "ready": ready}

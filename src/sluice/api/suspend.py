@@ -1,0 +1,37 @@
+"""``/api/admin/suspend/v1``: hold queued mail without bouncing it (SPEC section 9)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException
+
+from ..rules.criteria import Criteria
+from ..rules.store import SUSPEND
+from .bounce import list_entry
+from .deps import services
+from .models import ErrorResponse, RuleId, RuleListEntry, SuspendRequest, SuspendResponse
+
+router = APIRouter(prefix="/api/admin/suspend/v1", tags=["suspend"])
+
+
+@router.post("", response_model=SuspendResponse, responses={422: {"model": ErrorResponse}})
+async def create_suspend(req: SuspendRequest, svc=Depends(services)) -> dict:
+    """Hold matching mail in its queue until the suspension ends."""
+    criteria = Criteria(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
+                        routing_domain=req.routing_domain,
+                        queue_names=tuple(dict.fromkeys(req.queue_names)) if req.queue_names else None)
+    rule = await svc.control.create(SUSPEND, criteria, req.reason, req.expires_at())
+    return {"id": rule.id}
+
+
+@router.get("", response_model=list[RuleListEntry])
+async def list_suspends(svc=Depends(services)) -> list[dict]:
+    """The suspensions in force."""
+    return [list_entry(r, svc.control.remaining(r)) for r in svc.rules.active(SUSPEND)]
+
+
+@router.delete("", responses={404: {"model": ErrorResponse}})
+async def cancel_suspend(req: RuleId, svc=Depends(services)) -> dict:
+    """End a suspension: held mail is delivered within seconds."""
+    if not await svc.control.cancel(SUSPEND, str(req.id)):
+        raise HTTPException(status_code=404, detail=f"no active suspension with id {req.id}")
+    return {"id": str(req.id), "cancelled": True}

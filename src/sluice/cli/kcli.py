@@ -1,0 +1,238 @@
+"""``kcli``: the operator client for the admin API (KumoMTA's command names).
+
+Exit status: 0 done, 1 the server refused or could not be reached (its
+message is printed), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
+
+
+class ServerSaidNo(click.ClickException):
+    exit_code = 1
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 250, soft_wrap=False,
+                   highlight=False)
+
+
+class Client:
+    def __init__(self, endpoint: str, token: str | None) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+        try:
+            resp = httpx.request(method, self.endpoint + path, json=body, params=params,
+                                 headers=self.headers, timeout=60.0)
+        except httpx.HTTPError as exc:
+            raise ServerSaidNo(f"cannot reach {self.endpoint}: {exc}") from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code >= 400:
+            msg = data.get("error") if isinstance(data, dict) else None
+            raise ServerSaidNo(f"{resp.status_code}: {msg or resp.text}")
+        return data
+
+
+def options(f):
+    f = click.option("--endpoint", envvar="KUMO_KCLI_ENDPOINT", default=DEFAULT_ENDPOINT,
+                     show_default=True, help="Base URL of the server's HTTP API.")(f)
+    f = click.option("--token", envvar="KCLI_TOKEN", default=None,
+                     help="Bearer token (needed when not calling from a trusted host).")(f)
+    return f
+
+
+def _setup(ctx: click.Context, endpoint: str, token: str | None) -> None:
+    ctx.obj = Client(endpoint, token)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@options
+@click.pass_context
+def cli(ctx: click.Context, endpoint: str, token: str | None) -> None:
+    """Operate a running Sluice server."""
+    _setup(ctx, endpoint, token)
+
+
+def _selection(campaign, tenant, domain, routing_domain, queue, everything) -> dict:
+    criteria = {k: v for k, v in (("campaign", campaign), ("tenant", tenant), ("domain", domain),
+                                  ("routing_domain", routing_domain)) if v is not None}
+    if queue and criteria:
+        raise click.UsageError("--queue cannot be combined with --campaign, --tenant, "
+                               "--domain or --routing-domain")
+    if everything and (criteria or queue):
+        raise click.UsageError("--everything selects all mail; it cannot be combined with "
+                               "other criteria")
+    if not (criteria or queue or everything):
+        raise click.UsageError(
+            "no criteria given: name a --campaign, --tenant, --domain, --routing-domain or "
+            "--queue, or say --everything to act on ALL queued mail")
+    if queue:
+        criteria["queue_names"] = list(queue)
+    return criteria
+
+
+def selection_options(f):
+    f = click.option("--everything", is_flag=True, help="Select ALL mail.")(f)
+    f = click.option("--queue", multiple=True, help="Exact scheduled queue name (repeatable).")(f)
+    f = click.option("--routing-domain", default=None)(f)
+    f = click.option("--domain", default=None, help="Recipient domain.")(f)
+    f = click.option("--tenant", default=None)(f)
+    f = click.option("--campaign", default=None)(f)
+    f = click.option("--reason", required=True, help="Why; written into the logs.")(f)
+    f = click.option("--duration", default=None,
+                     help="How long the rule keeps catching new mail (default 5m).")(f)
+    return f
+
+
+@cli.command()
+@selection_options
+@click.option("--suppress-logging", is_flag=True, help="Write no AdminBounce records.")
+@click.option("--dry-run", is_flag=True, help="Only show which queues match and their sizes.")
+@click.pass_obj
+def bounce(client: Client, reason, duration, campaign, tenant, domain, routing_domain, queue,
+           everything, suppress_logging, dry_run) -> None:
+    """Bounce (cancel) matching queued mail; NOT reversible."""
+    body: dict[str, Any] = {"reason": reason, **_selection(campaign, tenant, domain,
+                                                           routing_domain, queue, everything)}
+    if duration is not None:
+        body["duration"] = duration
+    if suppress_logging:
+        body["suppress_logging"] = True
+    if dry_run:
+        body["dry_run"] = True
+        data = client.call("POST", "/api/admin/bounce/v1", body)
+        table = Table("QUEUE", "MESSAGES", box=None)
+        for q, n in sorted(data["queues"].items(), key=lambda x: (-x[1], x[0])):
+            table.add_row(q, str(n))
+        table.add_row("TOTAL", str(data["total"]))
+        _console().print(table)
+        return
+    data = client.call("POST", "/api/admin/bounce/v1", body)
+    click.echo(data["id"])
+    click.echo("bounce rule created; matching queued mail is being bounced in the background "
+               "(see kcli bounce-list for counts)", err=True)
+
+
+def _criteria_text(entry: dict) -> str:
+    if entry.get("queue_names"):
+        return "queue=" + ",".join(entry["queue_names"])
+    parts = [f"{k}={entry[k]}" for k in ("campaign", "tenant", "domain", "routing_domain")
+             if entry.get(k)]
+    return " ".join(parts) or "everything"
+
+
+@cli.command("bounce-list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON array.")
+@click.pass_obj
+def bounce_list(client: Client, as_json: bool) -> None:
+    """List the bounce rules in force."""
+    data = client.call("GET", "/api/admin/bounce/v1")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("ID", "REASON", "REMAIN", "BOUNCED", "CRITERIA", box=None)
+    for e in data:
+        table.add_row(e["id"], e["reason"], e["duration"], str(e["total_bounced"]),
+                      _criteria_text(e))
+    _console().print(table)
+
+
+@cli.command("bounce-cancel")
+@click.option("--id", "rule_id", required=True, help="Rule id from bounce or bounce-list.")
+@click.pass_obj
+def bounce_cancel(client: Client, rule_id: str) -> None:
+    """Stop a bounce rule (mail already bounced stays bounced)."""
+    client.call("DELETE", "/api/admin/bounce/v1", {"id": rule_id})
+    click.echo(f"bounce rule {rule_id} cancelled")
+
+
+@cli.command()
+@selection_options
+@click.pass_obj
+def suspend(client: Client, reason, duration, campaign, tenant, domain, routing_domain, queue,
+            everything) -> None:
+    """Hold matching mail in its queue (not delivered, not bounced)."""
+    body: dict[str, Any] = {"reason": reason, **_selection(campaign, tenant, domain,
+                                                           routing_domain, queue, everything)}
+    if duration is not None:
+        body["duration"] = duration
+    data = client.call("POST", "/api/admin/suspend/v1", body)
+    click.echo(data["id"])
+
+
+@cli.command("suspend-list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON array.")
+@click.pass_obj
+def suspend_list(client: Client, as_json: bool) -> None:
+    """List the suspensions in force."""
+    data = client.call("GET", "/api/admin/suspend/v1")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("ID", "REASON", "REMAIN", "CRITERIA", box=None)
+    for e in data:
+        table.add_row(e["id"], e["reason"], e["duration"], _criteria_text(e))
+    _console().print(table)
+
+
+@cli.command("suspend-cancel")
+@click.option("--id", "rule_id", required=True, help="Suspension id from suspend or suspend-list.")
+@click.pass_obj
+def suspend_cancel(client: Client, rule_id: str) -> None:
+    """End a suspension; held mail is delivered within seconds."""
+    client.call("DELETE", "/api/admin/suspend/v1", {"id": rule_id})
+    click.echo(f"suspension {rule_id} cancelled")
+
+
+@cli.command("queue-summary")
+@click.option("--by-volume", is_flag=True, help="Largest queues first.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most N rows.")
+@click.option("--domain", default=None, help="Only queues of this destination domain.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON summary.")
+@click.pass_obj
+def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: str | None,
+                  as_json: bool) -> None:
+    """Scheduled queues and ready queues per destination site."""
+    data = client.call("GET", "/metrics.json")
+    scheduled = data["scheduled"]
+    if domain:
+        d = domain.strip().lower()
+        scheduled = {q: n for q, n in scheduled.items()
+                     if q.split("!")[0].rpartition("@")[2] == d}
+    rows = sorted(scheduled.items(), key=(lambda x: (-x[1], x[0])) if by_volume else None)
+    if limit:
+        rows = rows[:limit]
+    if as_json:
+        click.echo(json.dumps({"scheduled": dict(rows), "ready": data["ready"]}, indent=2))
+        return
+    console = _console()
+    t = Table("SITE", "DELIVERED", "FAILED", "CONNECTIONS", "QUEUED", box=None)
+    for site, s in sorted(data["ready"].items()):
+        t.add_row(site, str(s["delivered"]), str(s["failed"]), str(s["connections"]),
+                  str(s["queued"]))
+    console.print(t)
+    console.print()
+    t = Table("QUEUE", "COUNT", box=None)
+    for q, n in rows:
+        t.add_row(q, str(n))
+    console.print(t)
+
+
+def main() -> None:
+    cli(prog_name=os.path.basename(sys.argv[0]) or "kcli")

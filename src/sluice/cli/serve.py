@@ -1,0 +1,45 @@
+"""``sluice serve``: run the MTA in the foreground until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from ..config import ConfigError, load_settings
+from ..server import Server
+
+
+async def _main(server: Server) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"sluice: SMTP on {', '.join(server.settings.smtp.listen)}, "
+          f"HTTP on {', '.join(server.settings.http.listen)}, "
+          f"data in {server.settings.data_path}", file=sys.stderr, flush=True)
+    await stop.wait()
+    print("sluice: stopping", file=sys.stderr, flush=True)
+    await server.stop()
+
+
+def run(config_path: str | None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(f"sluice: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(_main(Server(settings)))
+    except OSError as exc:
+        print(f"sluice: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

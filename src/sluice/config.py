@@ -1,0 +1,229 @@
+"""Typed settings read from TOML, with the embedded defaults of SPEC section 2.
+
+Every key is optional. A bad file raises ConfigError whose message names the
+file, the key and the problem, so ``sluice serve`` can stop with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from .durations import DurationError, parse_duration
+from .message import AddressError, normalize_domain
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return parse_duration(value)
+    except DurationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+Seconds = Annotated[float, BeforeValidator(_duration)]
+
+
+def _host_port(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected 'HOST:PORT'")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not 'HOST:PORT'")
+    return value
+
+
+HostPort = Annotated[str, BeforeValidator(_host_port)]
+
+
+def parse_networks(values: list[str]) -> list[IPNetwork]:
+    nets = []
+    for v in values:
+        try:
+            nets.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or CIDR") from None
+    return nets
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    data_dir: str = "var"
+    node_name: str = "sluice"
+
+
+class SmtpSettings(_Section):
+    listen: list[HostPort] = ["127.0.0.1:2025"]
+    hostname: str = "localhost"
+    relay_hosts: list[str] = ["127.0.0.1", "::1"]
+    max_message_size: int = Field(default=20 * 1024 * 1024, gt=0)
+    tenant_header: str = "X-Tenant"
+    campaign_header: str = "X-Campaign"
+    max_recipients: int = Field(default=1000, gt=0)
+    idle_timeout: Seconds = 300.0
+
+    @field_validator("relay_hosts")
+    @classmethod
+    def _check_relay(cls, v: list[str]) -> list[str]:
+        parse_networks(v)
+        return v
+
+    def relay_networks(self) -> list[IPNetwork]:
+        return parse_networks(self.relay_hosts)
+
+
+class HttpSettings(_Section):
+    listen: list[HostPort] = ["127.0.0.1:8000"]
+    trusted_hosts: list[str] = ["127.0.0.1", "::1"]
+    tokens_file: str | None = None
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _check_trusted(cls, v: list[str]) -> list[str]:
+        parse_networks(v)
+        return v
+
+    def trusted_networks(self) -> list[IPNetwork]:
+        return parse_networks(self.trusted_hosts)
+
+
+class QueueSettings(_Section):
+    retry_interval: Seconds = 20 * 60.0
+    max_retry_interval: Seconds = 8 * 3600.0
+    max_age: Seconds = 7 * 86400.0
+
+
+class QueueOverride(_Section):
+    retry_interval: Seconds | None = None
+    max_retry_interval: Seconds | None = None
+    max_age: Seconds | None = None
+
+
+class DeliverySettings(_Section):
+    connections_per_site: int = Field(default=32, gt=0)
+    messages_per_connection: int = Field(default=100, gt=0)
+    connect_timeout: Seconds = 30.0
+    command_timeout: Seconds = 60.0
+
+
+class Settings(BaseModel):
+    """The whole configuration; ``Settings()`` is the embedded default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings = ServerSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    http: HttpSettings = HttpSettings()
+    queue: QueueSettings = QueueSettings()
+    queue_overrides: dict[str, QueueOverride] = {}
+    delivery: DeliverySettings = DeliverySettings()
+    routes: dict[str, HostPort] = {}
+    routing_domains: dict[str, str] = {}
+
+    def queue_settings_for(self, domain: str) -> QueueSettings:
+        """Defaults merged with the ``[queue."domain"]`` override, if any."""
+        override = self.queue_overrides.get(domain)
+        if override is None:
+            return self.queue
+        merged = self.queue.model_dump()
+        merged.update({k: v for k, v in override.model_dump().items() if v is not None})
+        return QueueSettings(**merged)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir)
+
+
+_QUEUE_KEYS = set(QueueSettings.model_fields)
+
+
+def _split_queue_table(raw: dict[str, Any]) -> dict[str, Any]:
+    """``[queue]`` holds both the defaults and ``[queue."domain"]`` tables."""
+    queue = raw.get("queue")
+    if not isinstance(queue, dict):
+        return raw
+    defaults = {k: v for k, v in queue.items() if not isinstance(v, dict)}
+    overrides = {}
+    for key, value in queue.items():
+        if isinstance(value, dict):
+            try:
+                overrides[normalize_domain(key)] = value
+            except AddressError as exc:
+                raise ConfigError(f"queue.{key}: {exc}") from None
+    out = dict(raw)
+    out["queue"] = defaults
+    out["queue_overrides"] = overrides
+    return out
+
+
+def _normalize_domain_keys(raw: dict[str, Any], table: str, values_too: bool) -> None:
+    section = raw.get(table)
+    if not isinstance(section, dict):
+        return
+    out = {}
+    for key, value in section.items():
+        try:
+            k = normalize_domain(key)
+            out[k] = normalize_domain(value) if values_too and isinstance(value, str) else value
+        except AddressError as exc:
+            raise ConfigError(f"{table}.{key}: {exc}") from None
+    raw[table] = out
+
+
+def settings_from_dict(raw: dict[str, Any], source: str = "<config>") -> Settings:
+    """Validate a parsed TOML document; errors name ``source`` and the key."""
+    try:
+        raw = _split_queue_table(dict(raw))
+        _normalize_domain_keys(raw, "routes", values_too=False)
+        _normalize_domain_keys(raw, "routing_domains", values_too=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = list(err["loc"])
+            if loc and loc[0] == "queue_overrides":
+                loc[0] = "queue"
+            key = ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{key}: {msg.removeprefix('Value error, ')}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read ``path`` (TOML) or return the embedded defaults when None."""
+    if path is None:
+        return Settings()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return settings_from_dict(raw, str(p))

@@ -1,0 +1,1 @@
+"""Outbound delivery: next-hop resolution and the SMTP client."""

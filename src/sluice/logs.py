@@ -1,0 +1,197 @@
+"""Log records (KumoMTA's field names) and the JSONL writer.
+
+Records are never written to files directly by the code that causes them:
+they are inserted into the spool's ``outbox`` table in the same transaction
+as the state change they describe (DESIGN invariant 5). ``LogWriter`` drains
+the outbox to ``<data_dir>/logs/YYYYMMDD.jsonl``, fsyncs, and only then
+deletes the drained rows, so a crash can at worst repeat a record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+RECEPTION = "Reception"
+DELIVERY = "Delivery"
+TRANSIENT_FAILURE = "TransientFailure"
+BOUNCE = "Bounce"
+EXPIRATION = "Expiration"
+ADMIN_BOUNCE = "AdminBounce"
+REJECTION = "Rejection"
+
+TERMINAL_TYPES = frozenset({DELIVERY, BOUNCE, EXPIRATION, ADMIN_BOUNCE})
+
+
+@dataclass(slots=True, frozen=True)
+class Response:
+    """An SMTP response as logged: code, enhanced code, text, command."""
+
+    code: int
+    content: str
+    enhanced: tuple[int, int, int] | None = None
+    command: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        enhanced = None
+        if self.enhanced is not None:
+            c, s, d = self.enhanced
+            enhanced = {"class": c, "subject": s, "detail": d}
+        return {"code": self.code, "enhanced_code": enhanced,
+                "content": self.content, "command": self.command}
+
+    @property
+    def text(self) -> str:
+        if self.enhanced:
+            return f"{self.code} {'.'.join(map(str, self.enhanced))} {self.content}"
+        return f"{self.code} {self.content}"
+
+
+def parse_enhanced(text: str) -> tuple[tuple[int, int, int] | None, str]:
+    """Split a leading ``x.y.z`` enhanced status code off a response text."""
+    head, _, rest = text.partition(" ")
+    parts = head.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+        return (int(parts[0]), int(parts[1]), int(parts[2])), rest
+    return None, text
+
+
+def admin_bounce_response(reason: str) -> Response:
+    return Response(551, f"Administrator bounced with reason: {reason}", (5, 7, 1))
+
+
+def _rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds as an RFC 3339 UTC time (``2026-11-27T08:00:00.123456Z``)."""
+    return _rfc3339(ts)
+
+
+def make_record(
+    kind: str,
+    *,
+    msg_id: str,
+    sender: str,
+    recipient: str,
+    queue: str,
+    meta: dict[str, str],
+    size: int,
+    created: float,
+    num_attempts: int,
+    nodeid: str,
+    response: Response,
+    site: str = "",
+    peer: tuple[str, str] | None = None,
+    reception_protocol: str | None = None,
+    delivery_protocol: str | None = None,
+    session_id: str | None = None,
+    now: float | None = None,
+) -> bytes:
+    """One log record, serialized (one JSON object, no trailing newline)."""
+    ts = time.time() if now is None else now
+    classification = "Uncategorized" if kind in (BOUNCE, ADMIN_BOUNCE, EXPIRATION) else None
+    rec = {
+        "type": kind,
+        "id": msg_id,
+        "sender": sender,
+        "recipient": recipient,
+        "queue": queue,
+        "site": site,
+        "size": size,
+        "response": response.as_dict(),
+        "peer_address": {"name": peer[0], "addr": peer[1]} if peer else None,
+        "timestamp": int(ts),
+        "event_time": _rfc3339(ts),
+        "created": int(created),
+        "num_attempts": num_attempts,
+        "bounce_classification": classification,
+        "meta": meta,
+        "delivery_protocol": delivery_protocol,
+        "reception_protocol": reception_protocol,
+        "nodeid": nodeid,
+        "session_id": session_id,
+    }
+    return orjson.dumps(rec)
+
+
+class LogWriter(threading.Thread):
+    """Drains the spool's outbox to JSONL files, oldest record first.
+
+    ``delete_upto`` is how drained rows are removed: through the spool's
+    single writer, so this thread never writes to the database itself.
+    """
+
+    BATCH = 20000
+
+    def __init__(self, db_path: Path, log_dir: Path,
+                 delete_upto: Callable[[int], None]) -> None:
+        super().__init__(name="sluice-logwriter", daemon=True)
+        self._db_path = db_path
+        self._log_dir = log_dir
+        self._delete_upto = delete_upto
+        self._wake = threading.Event()
+        self._stopping = False
+        self._last_seq = 0
+        self._idle = threading.Event()
+        self.written = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Drain what is committed, then end the thread."""
+        self._stopping = True
+        self._wake.set()
+        self.join()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until everything committed so far has been written."""
+        self._idle.clear()
+        self._wake.set()
+        return self._idle.wait(timeout)
+
+    def _path(self) -> Path:
+        return self._log_dir / (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d") + ".jsonl")
+
+    def run(self) -> None:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._db_path, check_same_thread=False)
+        try:
+            while True:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                while self._drain_once(conn):
+                    pass
+                self._idle.set()
+                if self._stopping:
+                    return
+        finally:
+            conn.close()
+
+    def _drain_once(self, conn: sqlite3.Connection) -> bool:
+        rows = conn.execute(
+            "SELECT seq, record FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._last_seq, self.BATCH),
+        ).fetchall()
+        if not rows:
+            return False
+        data = b"\n".join(r[1] for r in rows) + b"\n"
+        with open(self._path(), "ab") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._last_seq = rows[-1][0]
+        self.written += len(rows)
+        self._delete_upto(self._last_seq)
+        return len(rows) == self.BATCH

@@ -1,0 +1,1 @@
+"""Scheduled queues (retry, expiry) and ready queues (per-site dispatch)."""

@@ -1,0 +1,223 @@
+"""The queue manager: promotes due mail to ready queues and records fates.
+
+Promotion claims due messages from the spool (a bounded batch, so memory
+does not grow with the spool), checks the rules, resolves each message's
+next hop and hands it to that site's ready queue. Every outcome of an
+attempt comes back here and becomes exactly one spool change with its log
+records: delivered, bounced, failed (retry or expire) or admin-bounced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+
+from ..config import Settings
+from ..delivery.mx import DnsFailure
+from ..delivery.routes import Router
+from ..logs import (ADMIN_BOUNCE, BOUNCE, DELIVERY, EXPIRATION, TRANSIENT_FAILURE, Response,
+                    admin_bounce_response, make_record)
+from ..message import QueueName, parse_queue_name
+from ..rules.store import Rule, RuleBook, SUSPEND
+from ..spool import SqliteSpool, Stored
+from .ready import Site
+from .scheduled import expires_at, next_due
+
+log = logging.getLogger(__name__)
+
+
+class QueueManager:
+    MAX_IN_MEMORY = 5000
+    CLAIM_BATCH = 500
+    POLL_SECONDS = 1.0
+
+    def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
+                 router: Router) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.rules = rules
+        self.router = router
+        self.sites: dict[str, Site] = {}
+        self.stats: Counter[str] = Counter()
+        self.in_memory = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- helpers -----------------------------------------------------------
+
+    def parts(self, queue: str) -> QueueName:
+        p = self.spool.parts.get(queue)
+        return p if p is not None else parse_queue_name(queue)
+
+    def record(self, kind: str, msg: Stored, response: Response, site: str = "",
+               peer: tuple[str, str] | None = None) -> bytes:
+        parts = self.parts(msg.queue)
+        meta = {k: v for k, v in (("tenant", parts.tenant), ("campaign", parts.campaign),
+                                  ("routing_domain", parts.routing_domain)) if v}
+        return make_record(kind, msg_id=msg.id, sender=msg.sender, recipient=msg.recipient,
+                           queue=msg.queue, meta=meta, size=msg.size, created=msg.created,
+                           num_attempts=msg.attempts, nodeid=self.settings.server.node_name,
+                           response=response, site=site, peer=peer,
+                           delivery_protocol="ESMTP" if kind in (DELIVERY, BOUNCE, TRANSIENT_FAILURE) else None)
+
+    def admin_bounce_record(self, msg: Stored, rule: Rule) -> bytes | None:
+        if rule.suppress_logging:
+            return None
+        return self.record(ADMIN_BOUNCE, msg, admin_bounce_response(rule.reason))
+
+    def announce(self) -> None:
+        """New or released mail may be due: look now instead of at the next poll."""
+        self._wake.set()
+
+    # -- promotion ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="queue-manager")
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                promoted = await self._promote_once()
+            except Exception:  # never let one bad batch stop delivery
+                log.exception("promotion failed")
+                promoted = 0
+            if promoted >= self.CLAIM_BATCH and self.in_memory < self.MAX_IN_MEMORY:
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.POLL_SECONDS)
+
+    def suspended_queues(self) -> list[str]:
+        if not self.rules.has(SUSPEND):
+            return []
+        return [q for q in list(self.spool.counts) if self.rules.suspended(q, self.parts(q))]
+
+    async def _promote_once(self) -> int:
+        room = min(self.CLAIM_BATCH, self.MAX_IN_MEMORY - self.in_memory)
+        if room <= 0:
+            return 0
+        rows = await self.spool.claim_due(time.time(), room, self.suspended_queues())
+        self.in_memory += len(rows)
+        if rows:
+            await asyncio.gather(*(self._route(m) for m in rows))
+        return len(rows)
+
+    async def _route(self, msg: Stored) -> None:
+        parts = self.parts(msg.queue)
+        qs = self.settings.queue_settings_for(parts.domain)
+        if time.time() >= expires_at(msg.created, qs):
+            await self._finish(msg, [self.record(EXPIRATION, msg, Response(
+                551, "Next delivery time would be after message expiry", (5, 4, 7)))], EXPIRATION)
+            return
+        if not await self.may_dispatch(msg):
+            return
+        try:
+            hop = await self.router.next_hop(parts.domain, parts.routing_domain)
+        except DnsFailure as exc:
+            if exc.permanent:
+                await self.bounced(msg, exc.response, "", None)
+            else:
+                await self.attempt_failed(msg, exc.response, "", None, count_attempt=False)
+            return
+        site = self.sites.get(hop.site)
+        if site is None:
+            d = self.settings.delivery
+            site = self.sites[hop.site] = Site(hop, self, d.connections_per_site,
+                                               d.messages_per_connection)
+        site.push(msg)
+
+    # -- rule checks -------------------------------------------------------
+
+    def may_send_data(self, msg: Stored) -> bool:
+        parts = self.parts(msg.queue)
+        return (self.rules.bounce_for(msg.queue, parts) is None
+                and self.rules.suspended(msg.queue, parts) is None)
+
+    async def may_dispatch(self, msg: Stored) -> bool:
+        """True if ``msg`` may go; otherwise it is bounced or held here."""
+        if self.may_send_data(msg):
+            return True
+        await self.dispose_stopped(msg)
+        return False
+
+    async def dispose_stopped(self, msg: Stored) -> None:
+        """A rule stopped ``msg``: admin-bounce it, or put it back on hold."""
+        rule = self.rules.bounce_for(msg.queue, self.parts(msg.queue))
+        if rule is not None:
+            await self.admin_bounce(msg, rule)
+        else:
+            await self.spool.release([msg.id])
+            self.in_memory -= 1
+
+    async def admin_bounce(self, msg: Stored, rule: Rule, extra: list[bytes] | None = None) -> None:
+        rec = self.admin_bounce_record(msg, rule)
+        records = (extra or []) + ([rec] if rec else [])
+        if await self._finish(msg, records, ADMIN_BOUNCE, rule.id):
+            rule.bounced[msg.queue] += 1
+
+    async def purge_ready(self, rule: Rule) -> int:
+        """Admin-bounce what waits in ready queues for a rule that just landed."""
+        n = 0
+        for site in list(self.sites.values()):
+            for msg in site.take(lambda m: rule.criteria.matches(m.queue, self.parts(m.queue))):
+                await self.admin_bounce(msg, rule)
+                n += 1
+        return n
+
+    # -- outcomes ----------------------------------------------------------
+
+    async def _finish(self, msg: Stored, records: list[bytes], kind: str,
+                      rule_id: str | None = None) -> bool:
+        self.in_memory -= 1
+        done = await self.spool.finish(msg, records, rule_id)
+        if done:
+            self.stats[kind] += 1
+        return done
+
+    async def delivered(self, msg: Stored, resp: Response, site: str,
+                        peer: tuple[str, str] | None) -> None:
+        msg.attempts += 1
+        await self._finish(msg, [self.record(DELIVERY, msg, resp, site, peer)], DELIVERY)
+
+    async def bounced(self, msg: Stored, resp: Response, site: str,
+                      peer: tuple[str, str] | None) -> None:
+        msg.attempts += 1
+        await self._finish(msg, [self.record(BOUNCE, msg, resp, site, peer)], BOUNCE)
+
+    async def attempt_failed(self, msg: Stored, resp: Response, site: str,
+                             peer: tuple[str, str] | None, count_attempt: bool = True) -> None:
+        """A transient failure: retry later, unless a bounce rule now applies."""
+        if count_attempt:
+            msg.attempts += 1
+        records = [self.record(TRANSIENT_FAILURE, msg, resp, site, peer)]
+        self.stats[TRANSIENT_FAILURE] += 1
+        parts = self.parts(msg.queue)
+        rule = self.rules.bounce_for(msg.queue, parts)
+        if rule is not None:
+            await self.admin_bounce(msg, rule, records)
+            return
+        qs = self.settings.queue_settings_for(parts.domain)
+        due = next_due(time.time(), msg.created, max(1, msg.attempts), qs)
+        self.in_memory -= 1
+        await self.spool.retry(msg, due, records)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Stop promoting, let sends under way finish, put the rest back."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        sites = list(self.sites.values())
+        results = await asyncio.gather(*(s.stop(grace) for s in sites))
+        left = [m.id for group in results for m in group]
+        await self.spool.release(left)
+        self.in_memory -= len(left)

@@ -1,0 +1,1 @@
+"""Mail in: SMTP (aiosmtpd) and HTTP injection, both through ``Intake``."""

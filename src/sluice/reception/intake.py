@@ -1,0 +1,113 @@
+"""What every received message goes through, whatever protocol brought it.
+
+``Intake.accept`` turns one body and its recipients into messages: the queue
+from the headers and config, the bounce rules checked (a caught message is
+logged Reception + AdminBounce and never queued), one durable commit for all
+of them. It returns once the commit is fsync'd: only then may the client be
+told 250 (DESIGN invariant 1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Settings
+from ..logs import ADMIN_BOUNCE, RECEPTION, Response, admin_bounce_response, make_record
+from ..message import Meta, normalize_label, queue_for, split_address
+from ..rules.store import RuleBook
+from ..spool import Inbound, SqliteSpool, new_message_id
+
+
+def header_values(body: bytes, names: list[str]) -> dict[str, str]:
+    """First value of each header in ``names`` (case-insensitive), unfolded."""
+    end = body.find(b"\r\n\r\n")
+    if end < 0:
+        end = body.find(b"\n\n")
+    head = body if end < 0 else body[:end]
+    wanted = {n.lower(): n for n in names}
+    found: dict[str, bytearray] = {}
+    current: str | None = None
+    for raw in head.split(b"\n"):
+        line = raw.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                found[current] += b" " + line.strip()
+            continue
+        current = None
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key = name.strip().decode("latin-1").lower()
+        if key in wanted and key not in found:
+            found[key] = bytearray(value.strip())
+            current = key
+    return {wanted[k]: bytes(v).decode("utf-8", "replace") for k, v in found.items()}
+
+
+@dataclass(slots=True)
+class Accepted:
+    ids: list[str]
+    bounced: int
+
+
+class Intake:
+    def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
+                 announce: Callable[[], None]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.rules = rules
+        self.announce = announce
+        self.received = 0
+
+    def meta_for(self, body: bytes, domain: str) -> Meta:
+        s = self.settings.smtp
+        values = header_values(body, [s.tenant_header, s.campaign_header])
+        return Meta(tenant=normalize_label(values.get(s.tenant_header)),
+                    campaign=normalize_label(values.get(s.campaign_header)),
+                    routing_domain=self.settings.routing_domains.get(domain))
+
+    async def accept(self, body: bytes, sender: str, recipients: list[str], *, protocol: str,
+                     peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
+        """Store one message per recipient; returns once durable."""
+        now = time.time()
+        node = self.settings.server.node_name
+        items: list[Inbound] = []
+        bounced = 0
+        meta_cache: dict[str, Meta] = {}
+        for rcpt in recipients:
+            _, domain = split_address(rcpt)
+            meta = meta_cache.get(domain)
+            if meta is None:
+                meta = meta_cache[domain] = self.meta_for(body, domain)
+            queue = queue_for(domain, meta)
+            name = str(queue)
+            msg_id = new_message_id()
+            common = dict(msg_id=msg_id, sender=sender, recipient=rcpt, queue=name,
+                          meta=meta.as_dict(), size=len(body), created=now, nodeid=node,
+                          peer=peer, reception_protocol=protocol, session_id=session_id, now=now)
+            records = [make_record(RECEPTION, num_attempts=0,
+                                   response=Response(250, "OK", (2, 0, 0), "DATA"), **common)]
+            item = Inbound(id=msg_id, queue=queue, sender=sender, recipient=rcpt, created=now,
+                           records=records)
+            rule = self.rules.bounce_for(name, queue)
+            if rule is not None:
+                item.terminal = True
+                item.rule_id = rule.id
+                if not rule.suppress_logging:
+                    records.append(make_record(ADMIN_BOUNCE, num_attempts=0,
+                                               response=admin_bounce_response(rule.reason),
+                                               **{**common, "peer": None}))
+                bounced += 1
+            items.append(item)
+        await self.spool.receive(body, items)
+        for item in items:
+            if item.terminal and item.rule_id:
+                rule = self.rules.get(item.rule_id)
+                if rule is not None:
+                    rule.bounced[str(item.queue)] += 1
+        self.received += len(items)
+        if bounced < len(items):
+            self.announce()
+        return Accepted(ids=[i.id for i in items], bounced=bounced)

@@ -1,0 +1,236 @@
+"""SMTP reception: aiosmtpd for the protocol, a handler for the decisions.
+
+``SluiceSMTP`` adds what aiosmtpd lacks for an MTA: enhanced status codes on
+every reply (RFC 2034), PIPELINING and ENHANCEDSTATUSCODES in EHLO, and a
+bulk DATA reader (the end-of-data marker is found in large chunks and
+dot-stuffing undone with bytes operations, instead of line by line).
+``ReceptionHandler`` holds the policy: relay control, address syntax,
+recipient limit, and the durable store before the 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import uuid
+import weakref
+from email.utils import formatdate
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from ..config import IPNetwork, Settings
+from ..logs import REJECTION, Response, make_record
+from ..message import AddressError, split_address
+from .intake import Intake
+
+log = logging.getLogger(__name__)
+
+# Default enhanced codes for replies that aiosmtpd writes without one.
+_ENHANCED = {
+    "221": "2.0.0", "250": "2.0.0", "421": "4.3.0", "451": "4.3.0", "452": "4.5.3",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "550": "5.7.1", "552": "5.3.4", "553": "5.1.3", "554": "5.5.0",
+    "555": "5.5.4",
+}
+
+# aiosmtpd's own success replies without an enhanced code.
+_PLAIN_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
+
+_END = b"\r\n.\r\n"
+
+
+def _with_enhanced(status: str) -> str:
+    if status in _PLAIN_2XX:
+        return _PLAIN_2XX[status]
+    code = status[:3]
+    default = _ENHANCED.get(code)
+    if code < "400" or default is None or len(status) < 4 or status[3] != " ":
+        return status  # greetings, 354, EHLO lines and our own replies: as they are
+    rest = status[4:]
+    first = rest.split(" ", 1)[0]
+    if first.count(".") == 2 and first.replace(".", "").isdigit():
+        return status
+    return f"{code} {default} {rest}"
+
+
+class SluiceSMTP(SMTP):
+    """aiosmtpd's SMTP with enhanced codes and a bulk DATA reader."""
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "replace")
+        await super().push(_with_enhanced(status))
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, too_big = await self._read_data()
+        if too_big:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: message size exceeds fixed maximum message size")
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[bytes, bool]:
+        """Read DATA up to CRLF.CRLF in chunks; returns (content, over size limit)."""
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        buf = bytearray()
+        dropped = 0
+        scanned = 0
+        while True:
+            chunk = await reader.read(262144)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            buf += chunk
+            if scanned == 0 and buf[:3] == b".\r\n" and dropped == 0:
+                self._unread(bytes(buf[3:]))
+                return b"", False
+            idx = buf.find(_END, max(0, scanned - 4))
+            if idx >= 0:
+                self._unread(bytes(buf[idx + len(_END):]))
+                del buf[idx + 2:]
+                break
+            scanned = len(buf)
+            if limit and dropped + len(buf) > limit + 2:
+                # Over the limit: keep reading to the end marker, keep nothing.
+                keep = bytes(buf[-4:])
+                dropped += len(buf) - len(keep)
+                buf = bytearray(keep)
+                scanned = len(buf)
+        if dropped or (limit and len(buf) > limit + 2):
+            return b"", True
+        if buf[:2] == b"..":
+            del buf[0]
+        return bytes(buf).replace(b"\r\n..", b"\r\n."), False
+
+    def _unread(self, data: bytes) -> None:
+        # Pipelined commands that arrived with the end of DATA go back to the
+        # reader for the command loop. StreamReader has no public unread.
+        if data:
+            self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
+
+
+class ReceptionHandler:
+    """aiosmtpd handler hooks: the policy of what Sluice accepts."""
+
+    def __init__(self, settings: Settings, intake: Intake) -> None:
+        self.settings = settings
+        self.intake = intake
+        self.relay: list[IPNetwork] = settings.smtp.relay_networks()
+
+    def _may_relay(self, session: Session) -> bool:
+        peer = session.peer
+        if not isinstance(peer, tuple):
+            return False
+        try:
+            ip = ipaddress.ip_address(peer[0].split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.relay)
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if not hasattr(session, "sluice_id"):
+            session.sluice_id = str(uuid.uuid4())  # type: ignore[attr-defined]
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if address:
+            try:
+                split_address(address)
+            except AddressError as exc:
+                return f"501 5.1.7 Bad sender address syntax: {exc}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        try:
+            split_address(address)
+        except AddressError as exc:
+            return f"501 5.1.3 Bad recipient address syntax: {exc}"
+        if not self._may_relay(session):
+            await self._log_rejection(session, envelope, address,
+                                      Response(550, "Relaying denied", (5, 7, 1), "RCPT TO"))
+            return "550 5.7.1 Relaying denied"
+        if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def _log_rejection(self, session: Session, envelope: Envelope, rcpt: str,
+                             response: Response) -> None:
+        peer = session.peer if isinstance(session.peer, tuple) else ("", "")
+        rec = make_record(REJECTION, msg_id="", sender=envelope.mail_from or "", recipient=rcpt,
+                          queue="", meta={}, size=0, created=0, num_attempts=0,
+                          nodeid=self.settings.server.node_name, response=response,
+                          peer=(session.host_name or "", str(peer[0])),
+                          reception_protocol="ESMTP",
+                          session_id=getattr(session, "sluice_id", None))
+        try:
+            await self.intake.spool.add_records([rec])
+        except Exception:  # a log-only record must never break the session
+            log.exception("could not log rejection")
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        body: bytes = envelope.original_content or b""
+        peer = session.peer if isinstance(session.peer, tuple) else ("", "")
+        received = (f"Received: from {session.host_name or 'unknown'} ([{peer[0]}])\r\n"
+                    f"\tby {self.settings.smtp.hostname} (Sluice) with ESMTP;\r\n"
+                    f"\t{_rfc2822_now()}\r\n").encode("utf-8", "replace")
+        try:
+            accepted = await self.intake.accept(
+                received + body, envelope.mail_from or "", list(envelope.rcpt_tos),
+                protocol="ESMTP", peer=(session.host_name or "", str(peer[0])),
+                session_id=getattr(session, "sluice_id", None))
+        except AddressError as exc:
+            return f"554 5.1.3 {exc}"
+        except Exception:
+            log.exception("storing a message failed")
+            return "451 4.3.0 Temporary failure storing the message, try again later"
+        return f"250 2.0.0 OK queued as {accepted.ids[0]}" + (
+            f" (+{len(accepted.ids) - 1})" if len(accepted.ids) > 1 else "")
+
+
+def _rfc2822_now() -> str:
+    return formatdate(usegmt=True)
+
+
+async def start_smtp(settings: Settings, handler: ReceptionHandler, host: str, port: int,
+                     sessions: weakref.WeakSet) -> asyncio.base_events.Server:
+    """Listen on ``host:port``; every session protocol is added to ``sessions``."""
+    loop = asyncio.get_running_loop()
+    s = settings.smtp
+
+    def factory() -> SluiceSMTP:
+        proto = SluiceSMTP(handler, hostname=s.hostname, ident="Sluice ESMTP",
+                           data_size_limit=s.max_message_size, enable_SMTPUTF8=True,
+                           decode_data=False, timeout=s.idle_timeout, loop=loop)
+        sessions.add(proto)
+        return proto
+
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True,
+                                    backlog=1024)

@@ -1,0 +1,1 @@
+"""Operator rules: bounce (cancel) and suspend (hold), matched by queue."""

@@ -1,0 +1,123 @@
+"""Wiring and lifecycle: build the parts, start them in order, stop them gracefully.
+
+Start order matters: the spool opens and the rules load before any listener
+opens (a rule that was in force before a restart is in force for the first
+message after it). Stop order is the reverse: listeners close first, then
+deliveries under way get a few seconds to finish, the rest is put back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import weakref
+from dataclasses import dataclass
+
+import uvicorn
+
+from .api.app import create_app
+from .config import Settings, split_host_port
+from .delivery.mx import MxResolver
+from .delivery.routes import Router
+from .queues.manager import QueueManager
+from .reception.intake import Intake
+from .reception.smtp import ReceptionHandler, start_smtp
+from .rules.control import RuleControl
+from .rules.store import RuleBook
+from .spool import SqliteSpool
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 6.0
+
+
+@dataclass
+class Services:
+    settings: Settings
+    spool: SqliteSpool
+    rules: RuleBook
+    control: RuleControl
+    manager: QueueManager
+    intake: Intake
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: Sluice stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _bind(listen: str) -> socket.socket:
+    host, port = split_host_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    def __init__(self, settings: Settings, mx: MxResolver | None = None) -> None:
+        self.settings = settings
+        spool = SqliteSpool(settings.data_path)
+        rules = RuleBook()
+        router = Router(settings.routes, mx or MxResolver())
+        manager = QueueManager(settings, spool, rules, router)
+        control = RuleControl(spool, rules, manager.admin_bounce_record, manager.purge_ready,
+                              manager.announce)
+        intake = Intake(settings, spool, rules, manager.announce)
+        self.services = Services(settings, spool, rules, control, manager, intake)
+        self._smtp_servers: list[asyncio.base_events.Server] = []
+        self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task | None = None
+        self._sessions: weakref.WeakSet = weakref.WeakSet()
+
+    async def start(self) -> None:
+        s = self.services
+        await s.spool.open()
+        await s.control.start()
+        s.manager.start()
+        handler = ReceptionHandler(self.settings, s.intake)
+        for listen in self.settings.smtp.listen:
+            host, port = split_host_port(listen)
+            self._smtp_servers.append(
+                await start_smtp(self.settings, handler, host, port, self._sessions))
+        sockets = [_bind(listen) for listen in self.settings.http.listen]
+        config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
+                                access_log=False, limit_concurrency=1000)
+        self._http = _Uvicorn(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=sockets), name="http")
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task
+                raise RuntimeError("HTTP listener failed to start")
+            await asyncio.sleep(0.01)
+        log.info("sluice started: smtp %s, http %s", self.settings.smtp.listen,
+                 self.settings.http.listen)
+
+    async def stop(self) -> None:
+        s = self.services
+        for srv in self._smtp_servers:
+            srv.close()
+        if self._http is not None:
+            self._http.should_exit = True
+        # Sessions get a moment to finish a message being stored, then close.
+        await asyncio.sleep(0.2)
+        for proto in list(self._sessions):
+            if proto.transport is not None:
+                proto.transport.close()
+        await s.manager.stop(STOP_GRACE_SECONDS)
+        await s.control.stop()
+        if self._http_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 2.0)
+        for srv in self._smtp_servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 0.5)
+        await s.spool.close()

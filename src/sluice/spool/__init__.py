@@ -1,0 +1,6 @@
+"""Durable message storage: the ``Spool`` protocol and its SQLite backend."""
+
+from .base import Inbound, Spool, Stored, new_message_id
+from .sqlite import SqliteSpool
+
+__all__ = ["Inbound", "Spool", "SqliteSpool", "Stored", "new_message_id"]

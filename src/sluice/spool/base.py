@@ -1,0 +1,88 @@
+"""The storage interface the rest of Sluice talks to.
+
+Everything that changes a message's fate goes through one of these calls, and
+each call that writes a log record commits it together with the change.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..message import QueueName
+
+
+def new_message_id() -> str:
+    """32 hex digits, ordered by creation time (48-bit ms clock + 80 random bits)."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+
+
+@dataclass(slots=True)
+class Inbound:
+    """A message being received, with the records its reception writes.
+
+    ``terminal`` set means the message is not queued at all (an active bounce
+    rule caught it at reception); ``rule_id`` then names that rule.
+    """
+
+    id: str
+    queue: QueueName
+    sender: str
+    recipient: str
+    created: float
+    records: list[bytes] = field(default_factory=list)
+    terminal: bool = False
+    rule_id: str | None = None
+
+
+@dataclass(slots=True)
+class Stored:
+    """A message row as read from the spool."""
+
+    id: str
+    queue: str
+    sender: str
+    recipient: str
+    body_id: int
+    size: int
+    created: float
+    due: float
+    attempts: int
+
+
+RecordFn = Callable[[Stored], bytes | None]
+
+
+class Spool(Protocol):
+    """What a message store must offer. ``SqliteSpool`` is the embedded one."""
+
+    counts: Mapping[str, int]
+    parts: Mapping[str, QueueName]
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def receive(self, body: bytes, items: list[Inbound]) -> None:
+        """Store the body once and every non-terminal item; commit with fsync."""
+
+    async def claim_due(self, now: float, limit: int, exclude: Collection[str]) -> list[Stored]:
+        """Mark up to ``limit`` due messages as being delivered and return them."""
+
+    async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
+        """Remove a claimed message for good, writing its terminal record."""
+
+    async def retry(self, msg: Stored, due: float, records: list[bytes]) -> bool:
+        """Put a claimed message back into its scheduled queue."""
+
+    async def release(self, ids: Collection[str]) -> None:
+        """Put claimed messages back, due now, without any record."""
+
+    async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
+                    rule_id: str) -> dict[str, int]:
+        """Remove up to ``limit`` scheduled messages of ``queues``; per-queue counts."""
+
+    async def load_body(self, body_id: int) -> bytes: ...
+    async def get_message(self, msg_id: str) -> Stored | None: ...

@@ -1,0 +1,488 @@
+"""The embedded spool: one SQLite database in WAL mode, one writer thread.
+
+All writes go through ``_Writer``: callers submit small functions, the writer
+runs every function waiting at that moment in one transaction (each in its
+own savepoint) and commits once with ``synchronous=FULL``; that single fsync
+acknowledges them all (group commit). Reads use a separate connection on a
+reader thread. Memory holds per-queue counters, never per-message objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue as queue_mod
+import sqlite3
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..logs import LogWriter
+from ..message import QueueName
+from .base import Inbound, RecordFn, Stored
+
+SCHEDULED = 0
+CLAIMED = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bodies (
+    id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL,
+    refs INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    campaign TEXT,
+    tenant TEXT,
+    routing_domain TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    body_id INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    due REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_queue_due ON messages(queue, due);
+CREATE INDEX IF NOT EXISTS messages_scheduled_due ON messages(due) WHERE state = 0;
+CREATE TRIGGER IF NOT EXISTS messages_release_body AFTER DELETE ON messages BEGIN
+    UPDATE bodies SET refs = refs - 1 WHERE id = OLD.body_id;
+    DELETE FROM bodies WHERE id = OLD.body_id AND refs <= 0;
+END;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    record BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rules (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    criteria TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    suppress_logging INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rule_counts (
+    rule_id TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (rule_id, queue)
+) WITHOUT ROWID;
+"""
+
+_COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts"
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class _Writer(threading.Thread):
+    """The one thread that writes: batches every queued op into one commit."""
+
+    MAX_BATCH = 2000
+
+    def __init__(self, path: Path, on_commit: Callable[[bool], None]) -> None:
+        super().__init__(name="sluice-spool-writer", daemon=True)
+        self._path = path
+        self._ops: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self._on_commit = on_commit
+        self.outbox_dirty = False
+        self.commits = 0
+
+    def submit(self, op: Op, loop: asyncio.AbstractEventLoop | None) -> asyncio.Future | None:
+        fut = loop.create_future() if loop is not None else None
+        self._ops.put((op, fut, loop))
+        return fut
+
+    def stop(self) -> None:
+        self._ops.put(None)
+        self.join()
+
+    def run(self) -> None:
+        conn = _connect(self._path)
+        try:
+            stopping = False
+            while not stopping:
+                item = self._ops.get()
+                if item is None:
+                    break
+                batch = [item]
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        nxt = self._ops.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    if nxt is None:
+                        stopping = True
+                        break
+                    batch.append(nxt)
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
+        self.outbox_dirty = False
+        results = []
+        conn.execute("BEGIN IMMEDIATE")
+        for op, fut, loop in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                res = op(conn)
+            except Exception as exc:  # the op fails alone, the batch goes on
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((fut, loop, None, exc))
+            else:
+                conn.execute("RELEASE op")
+                results.append((fut, loop, res, None))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            results = [(f, lp, None, exc) for f, lp, _, _ in results]
+        self.commits += 1
+        self._on_commit(self.outbox_dirty)
+        by_loop: dict[Any, list] = defaultdict(list)
+        for fut, loop, res, exc in results:
+            if fut is not None:
+                by_loop[loop].append((fut, res, exc))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, items)
+            except RuntimeError:  # loop closed: nobody waits any more
+                pass
+
+
+class SpoolClosed(RuntimeError):
+    """The spool is shutting down and takes no more writes."""
+
+
+def _resolve_all(items: list) -> None:
+    for fut, res, exc in items:
+        if fut.cancelled():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(res)
+
+
+def _row(r: tuple) -> Stored:
+    return Stored(*r)
+
+
+class SqliteSpool:
+    """The embedded spool. See the module docstring for the threading model."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = Path(data_dir) / "spool"
+        self.path = self.dir / "spool.db"
+        self.log_dir = Path(data_dir) / "logs"
+        self.counts: dict[str, int] = defaultdict(int)
+        self.parts: dict[str, QueueName] = {}
+        self.claimed = 0
+        self._writer: _Writer | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-spool-reader")
+        self._reader_local = threading.local()
+        self._logs: LogWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        await self._loop.run_in_executor(self._reader, self._prepare)
+        self._logs = LogWriter(self.path, self.log_dir, self._delete_outbox)
+        self._writer = _Writer(self.path, self._committed)
+        self._writer.start()
+        self._logs.start()
+        self._logs.wake()
+
+    def _prepare(self) -> None:
+        conn = _connect(self.path)
+        try:
+            conn.executescript(_SCHEMA)
+            # Messages claimed by a previous run were never finished: at least
+            # once delivery means they go back to their scheduled queue.
+            conn.execute("UPDATE messages SET state = 0 WHERE state = 1")
+            for name, domain, campaign, tenant, routing in conn.execute(
+                    "SELECT name, domain, campaign, tenant, routing_domain FROM queues"):
+                self.parts[name] = QueueName(domain, campaign, tenant, routing)
+            for name, n in conn.execute("SELECT queue, count(*) FROM messages GROUP BY queue"):
+                self.counts[name] = n
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.stop)
+        if self._logs is not None:
+            await asyncio.to_thread(self._logs.stop)
+            # rows drained during stop are deleted on the next start at worst
+        self._reader.shutdown(wait=True)
+
+    def _committed(self, outbox_dirty: bool) -> None:
+        if outbox_dirty and self._logs is not None:
+            self._logs.wake()
+
+    def _delete_outbox(self, upto: int) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            self._writer.submit(lambda c: c.execute("DELETE FROM outbox WHERE seq <= ?", (upto,)), None)
+
+    async def wait_logs_written(self, timeout: float = 10.0) -> bool:
+        """Wait until every record committed so far is in the log files."""
+        assert self._logs is not None
+        await self._submit(lambda c: None)
+        return await asyncio.to_thread(self._logs.wait_idle, timeout)
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _submit(self, op: Op) -> asyncio.Future:
+        if self._writer is None or self._closing:
+            raise SpoolClosed("the spool is closed")
+        return self._writer.submit(op, asyncio.get_running_loop())
+
+    def _add_records(self, conn: sqlite3.Connection, records: list[bytes]) -> None:
+        if records:
+            conn.executemany("INSERT INTO outbox(record) VALUES (?)", [(r,) for r in records])
+            assert self._writer is not None
+            self._writer.outbox_dirty = True
+
+    def _count_rule(self, conn: sqlite3.Connection, rule_id: str, per_queue: dict[str, int]) -> None:
+        conn.executemany(
+            "INSERT INTO rule_counts(rule_id, queue, n) VALUES (?, ?, ?) "
+            "ON CONFLICT(rule_id, queue) DO UPDATE SET n = n + excluded.n",
+            [(rule_id, q, n) for q, n in per_queue.items()],
+        )
+
+    def _dec(self, queue: str, n: int = 1) -> None:
+        left = self.counts.get(queue, 0) - n
+        if left > 0:
+            self.counts[queue] = left
+        else:
+            self.counts.pop(queue, None)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run() -> Any:
+            conn = getattr(self._reader_local, "conn", None)
+            if conn is None:
+                conn = self._reader_local.conn = _connect(self.path)
+            return fn(conn)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+
+    # -- reception ---------------------------------------------------------
+
+    async def receive(self, body: bytes, items: list[Inbound]) -> None:
+        queued = [i for i in items if not i.terminal]
+        size = len(body)
+
+        def op(conn: sqlite3.Connection) -> None:
+            records = [r for i in items for r in i.records]
+            if queued:
+                body_id = conn.execute("INSERT INTO bodies(data, refs) VALUES (?, ?)",
+                                       (body, len(queued))).lastrowid
+                for i in queued:
+                    name = str(i.queue)
+                    if name not in self.parts:
+                        q = i.queue
+                        conn.execute("INSERT OR IGNORE INTO queues VALUES (?, ?, ?, ?, ?)",
+                                     (name, q.domain, q.campaign, q.tenant, q.routing_domain))
+                        self.parts[name] = q
+                conn.executemany(
+                    "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(i.id, str(i.queue), i.sender, i.recipient, body_id, size, i.created, i.created)
+                     for i in queued])
+            self._add_records(conn, records)
+            by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            for i in items:
+                if i.terminal and i.rule_id:
+                    by_rule[i.rule_id][str(i.queue)] += 1
+            for rule_id, per_queue in by_rule.items():
+                self._count_rule(conn, rule_id, per_queue)
+
+        await self._submit(op)
+        for i in queued:
+            self.counts[str(i.queue)] += 1
+
+    # -- the scheduled -> ready -> done path -------------------------------
+
+    async def claim_due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[Stored]:
+        if limit <= 0:
+            return []
+        excl = list(exclude)
+        where = "state = 0 AND due <= ?"
+        if excl:
+            where += f" AND queue NOT IN ({','.join('?' * len(excl))})"
+
+        def op(conn: sqlite3.Connection) -> list[Stored]:
+            rows = conn.execute(
+                f"UPDATE messages SET state = 1 WHERE id IN (SELECT id FROM messages WHERE {where}"
+                f" ORDER BY due LIMIT ?) RETURNING {_COLS}",
+                (now, *excl, limit)).fetchall()
+            return [_row(r) for r in rows]
+
+        rows = await self._submit(op)
+        self.claimed += len(rows)
+        return rows
+
+    async def next_due(self) -> float | None:
+        return await self._read(lambda c: c.execute(
+            "SELECT min(due) FROM messages WHERE state = 0").fetchone()[0])
+
+    async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            gone = conn.execute("DELETE FROM messages WHERE id = ? AND state = 1", (msg.id,)).rowcount
+            if gone:
+                self._add_records(conn, records)
+                if rule_id:
+                    self._count_rule(conn, rule_id, {msg.queue: 1})
+            return bool(gone)
+
+        done = await self._submit(op)
+        if done:
+            self.claimed -= 1
+            self._dec(msg.queue)
+        return done
+
+    async def retry(self, msg: Stored, due: float, records: list[bytes]) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            n = conn.execute(
+                "UPDATE messages SET state = 0, due = ?, attempts = ? WHERE id = ? AND state = 1",
+                (due, msg.attempts, msg.id)).rowcount
+            if n:
+                self._add_records(conn, records)
+            return bool(n)
+
+        done = await self._submit(op)
+        if done:
+            self.claimed -= 1
+        return done
+
+    async def release(self, ids: Collection[str]) -> None:
+        ids = list(ids)
+        if not ids:
+            return
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.executemany("UPDATE messages SET state = 0 WHERE id = ? AND state = 1",
+                                    [(i,) for i in ids]).rowcount
+
+        n = await self._submit(op)
+        self.claimed -= n
+
+    async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
+                    rule_id: str) -> dict[str, int]:
+        names = list(queues)
+
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            removed: dict[str, int] = defaultdict(int)
+            budget = limit
+            records = []
+            for name in names:
+                if budget <= 0:
+                    break
+                rows = conn.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                    " WHERE queue = ? AND state = 0 LIMIT ?)"
+                    f" RETURNING {_COLS}", (name, budget)).fetchall()
+                for r in rows:
+                    rec = record(_row(r))
+                    if rec is not None:
+                        records.append(rec)
+                if rows:
+                    removed[name] += len(rows)
+                    budget -= len(rows)
+            self._add_records(conn, records)
+            self._count_rule(conn, rule_id, removed)
+            return dict(removed)
+
+        removed = await self._submit(op)
+        for name, n in removed.items():
+            self._dec(name, n)
+        return removed
+
+    async def add_records(self, records: list[bytes]) -> None:
+        """Commit log records that go with no state change (e.g. Rejection)."""
+        await self._submit(lambda c: self._add_records(c, records))
+
+    # -- reads -------------------------------------------------------------
+
+    async def load_body(self, body_id: int) -> bytes:
+        row = await self._read(lambda c: c.execute(
+            "SELECT data FROM bodies WHERE id = ?", (body_id,)).fetchone())
+        if row is None:
+            raise KeyError(body_id)
+        return row[0]
+
+    async def get_message(self, msg_id: str) -> Stored | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {_COLS} FROM messages WHERE id = ?", (msg_id,)).fetchone())
+        return _row(row) if row else None
+
+    async def message_state(self, msg_id: str) -> int | None:
+        row = await self._read(lambda c: c.execute(
+            "SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone())
+        return row[0] if row else None
+
+    # -- rules -------------------------------------------------------------
+
+    async def save_rule(self, rule: dict[str, Any], replaces: Collection[str] = ()) -> None:
+        """Store ``rule``, removing the rules it replaces, in one commit."""
+        old = list(replaces)
+
+        def op(conn: sqlite3.Connection) -> None:
+            for rid in old:
+                conn.execute("DELETE FROM rules WHERE id = ?", (rid,))
+                conn.execute("DELETE FROM rule_counts WHERE rule_id = ?", (rid,))
+            conn.execute(
+                "INSERT INTO rules(id, kind, criteria, reason, created, expires, suppress_logging)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rule["id"], rule["kind"], orjson.dumps(rule["criteria"]).decode(), rule["reason"],
+                 rule["created"], rule["expires"], int(rule.get("suppress_logging", False))))
+
+        await self._submit(op)
+
+    async def delete_rules(self, ids: Collection[str]) -> None:
+        ids = list(ids)
+
+        def op(conn: sqlite3.Connection) -> None:
+            for rid in ids:
+                conn.execute("DELETE FROM rules WHERE id = ?", (rid,))
+                conn.execute("DELETE FROM rule_counts WHERE rule_id = ?", (rid,))
+
+        await self._submit(op)
+
+    async def load_rules(self) -> list[dict[str, Any]]:
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            for rid, q, n in conn.execute("SELECT rule_id, queue, n FROM rule_counts"):
+                counts[rid][q] = n
+            return [
+                {"id": rid, "kind": kind, "criteria": orjson.loads(crit), "reason": reason,
+                 "created": created, "expires": expires, "suppress_logging": bool(sup),
+                 "bounced": counts.get(rid, {})}
+                for rid, kind, crit, reason, created, expires, sup in conn.execute(
+                    "SELECT id, kind, criteria, reason, created, expires, suppress_logging FROM rules")
+            ]
+        return await self._read(read)
