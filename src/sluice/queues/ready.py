@@ -90,7 +90,9 @@ class Site:
                 msg = await self._next()
                 if msg is None:
                     break
+                self.in_flight[msg.id] = msg
                 if not await m.may_dispatch(msg):
+                    self.in_flight.pop(msg.id, None)
                     continue
                 if not conn.is_open or conn.sent >= self.per_connection:
                     await conn.close()
@@ -100,6 +102,7 @@ class Site:
                         await conn.open(self.hop.hosts)
                     except DeliveryError as exc:
                         # The site is unreachable: everything waiting for it fails now.
+                        self.in_flight.pop(msg.id, None)
                         failing = [msg, *self.take(lambda _: True)]
                         self.failed += len(failing)
                         for f in failing:
@@ -118,7 +121,6 @@ class Site:
 
     async def _send(self, conn: Connection, msg: Stored) -> None:
         m = self.manager
-        self.in_flight[msg.id] = msg
         try:
             body = await m.spool.load_body(msg.body_id)
             try:

@@ -63,6 +63,12 @@ class SluiceSMTP(SMTP):
             status = status.decode("utf-8", "replace")
         await super().push(_with_enhanced(status))
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # RFC 5321 paths are <...>: an opening bracket without its closing one is malformed.
+        if arg and arg.lstrip().startswith("<") and ">" not in arg:
+            return None, None
+        return super()._getaddr(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -156,7 +162,9 @@ class ReceptionHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if address:
+        # The null reverse-path stays "<>" in the envelope (aiosmtpd needs a
+        # non-empty mail_from) and is stored as "".
+        if address != "<>":
             try:
                 split_address(address)
             except AddressError as exc:
@@ -184,7 +192,8 @@ class ReceptionHandler:
     async def _log_rejection(self, session: Session, envelope: Envelope, rcpt: str,
                              response: Response) -> None:
         peer = session.peer if isinstance(session.peer, tuple) else ("", "")
-        rec = make_record(REJECTION, msg_id="", sender=envelope.mail_from or "", recipient=rcpt,
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        rec = make_record(REJECTION, msg_id="", sender=sender, recipient=rcpt,
                           queue="", meta={}, size=0, created=0, num_attempts=0,
                           nodeid=self.settings.server.node_name, response=response,
                           peer=(session.host_name or "", str(peer[0])),
@@ -203,7 +212,8 @@ class ReceptionHandler:
                     f"\t{_rfc2822_now()}\r\n").encode("utf-8", "replace")
         try:
             accepted = await self.intake.accept(
-                received + body, envelope.mail_from or "", list(envelope.rcpt_tos),
+                received + body, "" if envelope.mail_from == "<>" else envelope.mail_from or "",
+                list(envelope.rcpt_tos),
                 protocol="ESMTP", peer=(session.host_name or "", str(peer[0])),
                 session_id=getattr(session, "sluice_id", None))
         except AddressError as exc:

@@ -1,0 +1,166 @@
+"""Helpers for tests that run real ``sluice serve`` / ``sluice sink`` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
+    deadline = time.time() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class Sink:
+    """A ``sluice sink`` subprocess that records what it accepted."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.record = tmp / f"sink-{self.port}.jsonl"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Sink:
+        self.proc = subprocess.Popen(
+            [BIN / "sluice", "sink", "--listen", f"127.0.0.1:{self.port}",
+             "--record", str(self.record)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> str:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            out, _ = self.proc.communicate(timeout=10)
+            return out.decode()
+        return ""
+
+    def received(self) -> list[dict]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
+
+    def recipients(self) -> list[str]:
+        return [r for m in self.received() for r in m["recipients"]]
+
+
+class Serve:
+    """A ``sluice serve`` subprocess with its own ports and data dir."""
+
+    def __init__(self, tmp: Path, extra: str = "", routes: dict[str, str] | None = None,
+                 queue: str = "") -> None:
+        self.dir = tmp
+        self.smtp_port = free_port()
+        self.http_port = free_port()
+        self.data = tmp / "var"
+        self.config = tmp / "sluice.toml"
+        queue = queue or 'retry_interval = "1s"\nmax_retry_interval = "2s"'
+        routes_toml = "\n".join(f'"{d}" = "{hp}"' for d, hp in (routes or {}).items())
+        self.config.write_text(f"""
+[server]
+data_dir = "{self.data}"
+node_name = "test"
+[smtp]
+listen = ["127.0.0.1:{self.smtp_port}"]
+hostname = "mta.test"
+[http]
+listen = ["127.0.0.1:{self.http_port}"]
+[queue]
+{queue}
+[routes]
+{routes_toml}
+{extra}
+""")
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "serve.out"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Serve:
+        self.proc = subprocess.Popen([BIN / "sluice", "serve", "--config", str(self.config)],
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        wait_port(self.http_port)
+        wait_port(self.smtp_port)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def send(self, recipients: list[str], *, sender: str = "sender@example.org",
+             headers: dict[str, str] | None = None, body: str = "hello\r\n") -> dict:
+        hdrs = {"Subject": "test", **(headers or {})}
+        msg = "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n" + body
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30) as s:
+            return s.sendmail(sender, recipients, msg.encode())
+
+    def records(self, kind: str | None = None) -> list[dict]:
+        out = []
+        logs = self.data / "logs"
+        if not logs.exists():
+            return out
+        for path in sorted(logs.glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line:
+                    rec = json.loads(line)
+                    if kind is None or rec["type"] == kind:
+                        out.append(rec)
+        return out
+
+    def by_recipient(self, kind: str) -> dict[str, dict]:
+        return {r["recipient"]: r for r in self.records(kind)}
+
+    def api(self, method: str, path: str, body: Any = None, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.endpoint + path, json=body, timeout=30, **kw)
+
+    def scheduled(self) -> dict[str, int]:
+        return self.api("GET", "/metrics.json").json()["scheduled"]
+
+    def kcli(self, *args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        e = {**os.environ, "KUMO_KCLI_ENDPOINT": self.endpoint, **(env or {})}
+        return subprocess.run([BIN / "kcli", *args], capture_output=True, text=True, env=e,
+                              timeout=60, check=check)
