@@ -83,10 +83,10 @@ class Serve:
     """A ``sluice serve`` subprocess with its own ports and data dir."""
 
     def __init__(self, tmp: Path, extra: str = "", routes: dict[str, str] | None = None,
-                 queue: str = "") -> None:
+                 queue: str = "", http_port: int | None = None) -> None:
         self.dir = tmp
         self.smtp_port = free_port()
-        self.http_port = free_port()
+        self.http_port = http_port or free_port()
         self.data = tmp / "var"
         self.config = tmp / "sluice.toml"
         queue = queue or 'retry_interval = "1s"\nmax_retry_interval = "2s"'

@@ -25,11 +25,15 @@ class ConfigError(Exception):
 
 def _duration(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    try:
-        return parse_duration(value)
-    except DurationError as exc:
-        raise ValueError(str(exc)) from None
+        seconds = float(value)
+    else:
+        try:
+            seconds = parse_duration(value)
+        except DurationError as exc:
+            raise ValueError(str(exc)) from None
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
 
 
 Seconds = Annotated[float, BeforeValidator(_duration)]
@@ -41,6 +45,8 @@ def _host_port(value: Any) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not 'HOST:PORT'")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, e.g. '[::1]:2025'")
     return value
 
 

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/api/admin/bounce/v1", tags=["bounce"])
 def criteria_of(req: BounceRequest) -> Criteria:
     return Criteria(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
                     routing_domain=req.routing_domain,
-                    queue_names=tuple(dict.fromkeys(req.queue_names)) if req.queue_names else None)
+                    queue_names=tuple(sorted(set(req.queue_names))) if req.queue_names else None)
 
 
 def list_entry(rule: Rule, remaining: float) -> dict:

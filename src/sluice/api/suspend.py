@@ -18,7 +18,7 @@ async def create_suspend(req: SuspendRequest, svc=Depends(services)) -> dict:
     """Hold matching mail in its queue until the suspension ends."""
     criteria = Criteria(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
                         routing_domain=req.routing_domain,
-                        queue_names=tuple(dict.fromkeys(req.queue_names)) if req.queue_names else None)
+                        queue_names=tuple(sorted(set(req.queue_names))) if req.queue_names else None)
     rule = await svc.control.create(SUSPEND, criteria, req.reason, req.expires_at())
     return {"id": rule.id}
 

@@ -21,28 +21,29 @@ from ..spool import Inbound, SqliteSpool, new_message_id
 
 
 def header_values(body: bytes, names: list[str]) -> dict[str, str]:
-    """First value of each header in ``names`` (case-insensitive), unfolded."""
-    end = body.find(b"\r\n\r\n")
-    if end < 0:
-        end = body.find(b"\n\n")
-    head = body if end < 0 else body[:end]
+    """First value of each header in ``names`` (case-insensitive), unfolded.
+
+    Only the header section is read: it ends at the first empty line
+    (CRLF or bare LF line endings alike).
+    """
     wanted = {n.lower(): n for n in names}
     found: dict[str, bytearray] = {}
     current: str | None = None
-    for raw in head.split(b"\n"):
+    for raw in body.split(b"\n", 1000):
         line = raw.rstrip(b"\r")
+        if not line:
+            break
         if line[:1] in (b" ", b"\t"):
             if current is not None:
                 found[current] += b" " + line.strip()
             continue
         current = None
         name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        key = name.strip().decode("latin-1").lower()
-        if key in wanted and key not in found:
-            found[key] = bytearray(value.strip())
-            current = key
+        if sep:
+            key = name.strip().decode("latin-1").lower()
+            if key in wanted and key not in found:
+                found[key] = bytearray(value.strip())
+                current = key
     return {wanted[k]: bytes(v).decode("utf-8", "replace") for k, v in found.items()}
 
 

@@ -32,7 +32,7 @@ class Criteria:
             tenant=normalize_label(tenant),
             domain=normalize_domain(domain) if domain else None,
             routing_domain=normalize_domain(routing_domain) if routing_domain else None,
-            queue_names=tuple(dict.fromkeys(q.strip() for q in queue_names)) if queue_names else None,
+            queue_names=tuple(sorted({q.strip() for q in queue_names})) if queue_names else None,
         )
 
     @property
