@@ -301,6 +301,22 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def cpu_times() -> list[int]:
+    """Machine-wide jiffies: user, nice, system, idle, iowait, irq, softirq, steal."""
+    with open("/proc/stat") as fh:
+        return [int(x) for x in fh.readline().split()[1:9]]
+
+
+def machine_busy(t0: list[int], t1: list[int]) -> dict[str, float]:
+    """Cores in use over the interval, split as /proc/stat does."""
+    d = [b - a for a, b in zip(t0, t1)]
+    total = sum(d) or 1
+    ncpu = os.cpu_count() or 1
+    cores = lambda x: round(x / total * ncpu, 2)  # noqa: E731
+    return {"busy": cores(total - d[3] - d[4]), "user": cores(d[0] + d[1]), "system": cores(d[2]),
+            "softirq": cores(d[5] + d[6]), "iowait": cores(d[4]), "steal": cores(d[7])}
+
+
 async def sample_rss(pid: int, ps: ProcSample, stop: asyncio.Event, every: float = 0.1) -> None:
     while not stop.is_set():
         with contextlib.suppress(OSError, ValueError):
@@ -530,8 +546,10 @@ async def amain(args: argparse.Namespace) -> int:
         inj = Injector(host, port, args.messages, args.size, args.concurrency, args.reuse,
                        args.pipelining, args.timeout)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = cpu_times()
         elapsed = await inj.run(args.progress)
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        busy = machine_busy(cpu0, cpu_times())
         if pid:
             with contextlib.suppress(OSError):
                 ps.cpu_end = proc_cpu(pid)
@@ -579,6 +597,9 @@ async def amain(args: argparse.Namespace) -> int:
                   f"other threads {', '.join(f'{v:.1f}' for v in others[:4] if v >= 0.05) or '0'} s)")
         print(f"client CPU        {client_cpu:.1f} s = {client_cpu / elapsed:.2f} cores "
               f"(user {ru1.ru_utime - ru0.ru_utime:.1f} s, sys {ru1.ru_stime - ru0.ru_stime:.1f} s)")
+        print(f"machine           {busy['busy']:.2f} of {os.cpu_count()} cores busy (user {busy['user']}, "
+              f"system {busy['system']}, softirq {busy['softirq']}, iowait {busy['iowait']}, "
+              f"steal {busy['steal']})")
         if stored is not None:
             print(f"queued in server  {stored} (scheduled, per /metrics.json)")
         result = {
@@ -589,7 +610,8 @@ async def amain(args: argparse.Namespace) -> int:
             "p50_ms": round(_pct(st.latencies, 50) * 1e3, 1), "p99_ms": round(_pct(st.latencies, 99) * 1e3, 1),
             "server_peak_rss_mb": round(peak_mb, 1) if peak_mb is not None else None,
             "server_cpu_s": round(server_cpu, 1) if server_cpu is not None else None,
-            "client_cpu_s": round(client_cpu, 1), "queued": stored, "nproc": os.cpu_count(),
+            "client_cpu_s": round(client_cpu, 1), "machine_cores_busy": busy["busy"],
+            "steal_cores": busy["steal"], "queued": stored, "nproc": os.cpu_count(),
             "python": sys.version.split()[0],
         }
         if st.errors:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, Depends, HTTPException
 
 from ..durations import format_duration
@@ -24,7 +26,7 @@ def list_entry(rule: Rule, remaining: float) -> dict:
     c = rule.criteria
     return {"id": rule.id, "campaign": c.campaign, "tenant": c.tenant, "domain": c.domain,
             "routing_domain": c.routing_domain, "queue_names": list(c.queue_names or ()),
-            "reason": rule.reason, "duration": format_duration(remaining)}
+            "reason": rule.reason, "duration": format_duration(math.floor(remaining))}
 
 
 @router.post("", response_model=BounceResponse | DryRunResponse,
