@@ -600,6 +600,10 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"machine           {busy['busy']:.2f} of {os.cpu_count()} cores busy (user {busy['user']}, "
               f"system {busy['system']}, softirq {busy['softirq']}, iowait {busy['iowait']}, "
               f"steal {busy['steal']})")
+        if server_cpu is not None:
+            other = busy["busy"] - server_cpu / elapsed - client_cpu / elapsed
+            print(f"other load        {other:.2f} cores (machine busy minus server and client:"
+                  " other processes, kernel threads)")
         if stored is not None:
             print(f"queued in server  {stored} (scheduled, per /metrics.json)")
         result = {
