@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import Counter
 import weakref
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class Services:
     control: RuleControl
     manager: QueueManager
     intake: Intake
+    stats: Counter[str]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -68,11 +70,12 @@ class Server:
         spool = SqliteSpool(settings.data_path)
         rules = RuleBook()
         router = Router(settings.routes, mx or MxResolver())
-        manager = QueueManager(settings, spool, rules, router)
+        stats: Counter[str] = Counter()
+        manager = QueueManager(settings, spool, rules, router, stats)
         control = RuleControl(spool, rules, manager.admin_bounce_record, manager.purge_ready,
-                              manager.announce)
-        intake = Intake(settings, spool, rules, manager.announce)
-        self.services = Services(settings, spool, rules, control, manager, intake)
+                              manager.announce, stats)
+        intake = Intake(settings, spool, rules, manager.announce, stats)
+        self.services = Services(settings, spool, rules, control, manager, intake, stats)
         self._smtp_servers: list[asyncio.base_events.Server] = []
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None

@@ -165,3 +165,78 @@ class SuspendResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
+
+
+class InspectResponse(BaseModel):
+    id: str
+    sender: str
+    recipient: str
+    queue: str
+    meta: dict[str, str]
+    created: str
+    attempts: int
+    due: str
+    body: str | None = None
+
+
+class InjectAddress(_Strict):
+    email: StrictStr
+    name: StrictStr | None = None
+
+
+class InjectRecipient(_Strict):
+    email: StrictStr
+    name: StrictStr | None = None
+    substitutions: dict[str, object] | None = None
+
+
+class InjectAttachment(_Strict):
+    data: StrictStr
+    base64: StrictBool = False
+    content_type: StrictStr = "application/octet-stream"
+    file_name: StrictStr | None = None
+    content_id: StrictStr | None = None
+
+
+class InjectBuilder(_Strict):
+    """KumoMTA's content builder: parts and headers instead of a full message."""
+
+    subject: StrictStr | None = None
+    text_body: StrictStr | None = None
+    html_body: StrictStr | None = None
+    amp_html_body: StrictStr | None = None
+    attachments: list[InjectAttachment] = []
+    inline: list[InjectAttachment] = []
+    headers: dict[str, StrictStr] = {}
+    from_: InjectAddress | None = Field(default=None, alias="from")
+    reply_to: InjectAddress | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _has_body(self) -> InjectBuilder:
+        if not (self.text_body or self.html_body or self.amp_html_body):
+            raise ValueError("needs text_body or html_body")
+        return self
+
+
+class InjectRequest(_Strict):
+    envelope_sender: StrictStr
+    recipients: list[InjectRecipient] = Field(min_length=1)
+    content: StrictStr | InjectBuilder
+    substitutions: dict[str, object] | None = None
+    template_dialect: StrictStr | None = None
+
+    @field_validator("template_dialect")
+    @classmethod
+    def _dialect(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in ("jinja", "jinja2"):
+            raise ValueError("only 'Jinja' templates are supported")
+        return v
+
+
+class InjectResponse(BaseModel):
+    success_count: int
+    fail_count: int
+    failed_recipients: list[str]
+    errors: list[str]

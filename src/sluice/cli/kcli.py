@@ -234,5 +234,18 @@ def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: st
     console.print(t)
 
 
+@cli.command("inspect-message")
+@click.option("--id", "msg_id", required=True, help="Message id (from the logs).")
+@click.option("--want-body", is_flag=True, help="Include the message content.")
+@click.pass_obj
+def inspect_message(client: Client, msg_id: str, want_body: bool) -> None:
+    """Show a queued message: queue, meta, attempts, next due time."""
+    params = {"id": msg_id}
+    if want_body:
+        params["want_body"] = "true"
+    data = client.call("GET", "/api/admin/inspect-message/v1", params=params)
+    click.echo(json.dumps(data, indent=2))
+
+
 def main() -> None:
     cli(prog_name=os.path.basename(sys.argv[0]) or "kcli")

@@ -35,13 +35,13 @@ class QueueManager:
     POLL_SECONDS = 1.0
 
     def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
-                 router: Router) -> None:
+                 router: Router, stats: Counter[str]) -> None:
         self.settings = settings
         self.spool = spool
         self.rules = rules
         self.router = router
         self.sites: dict[str, Site] = {}
-        self.stats: Counter[str] = Counter()
+        self.stats = stats
         self.in_memory = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None

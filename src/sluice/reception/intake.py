@@ -10,6 +10,7 @@ told 250 (DESIGN invariant 1).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,12 +56,12 @@ class Accepted:
 
 class Intake:
     def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
-                 announce: Callable[[], None]) -> None:
+                 announce: Callable[[], None], stats: Counter[str]) -> None:
         self.settings = settings
         self.spool = spool
         self.rules = rules
         self.announce = announce
-        self.received = 0
+        self.stats = stats
 
     def meta_for(self, body: bytes, domain: str) -> Meta:
         s = self.settings.smtp
@@ -108,7 +109,8 @@ class Intake:
                 rule = self.rules.get(item.rule_id)
                 if rule is not None:
                     rule.bounced[str(item.queue)] += 1
-        self.received += len(items)
+        self.stats[RECEPTION] += len(items)
+        self.stats[ADMIN_BOUNCE] += bounced
         if bounced < len(items):
             self.announce()
         return Accepted(ids=[i.id for i in items], bounced=bounced)

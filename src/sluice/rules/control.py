@@ -14,7 +14,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
+
+from ..logs import ADMIN_BOUNCE
 
 from ..spool import SqliteSpool, Stored
 from .criteria import Criteria
@@ -29,8 +32,9 @@ class RuleControl:
     def __init__(self, spool: SqliteSpool, book: RuleBook,
                  bounce_record: Callable[[Stored, Rule], bytes | None],
                  purge_ready: Callable[[Rule], object],
-                 rules_changed: Callable[[], None]) -> None:
+                 rules_changed: Callable[[], None], stats: Counter[str]) -> None:
         self.spool = spool
+        self.stats = stats
         self.book = book
         self._bounce_record = bounce_record
         self._purge_ready = purge_ready
@@ -113,6 +117,7 @@ class RuleControl:
                     return
                 for q, n in removed.items():
                     rule.bounced[q] += n
+                self.stats[ADMIN_BOUNCE] += sum(removed.values())
                 await asyncio.sleep(0)  # let reception and delivery run between chunks
         except asyncio.CancelledError:
             raise

@@ -445,6 +445,16 @@ class SqliteSpool:
             "SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone())
         return row[0] if row else None
 
+    def size_bytes(self) -> int:
+        """Bytes on disk: the database and its write-ahead log."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += Path(str(self.path) + suffix).stat().st_size
+            except OSError:
+                pass
+        return total
+
     # -- rules -------------------------------------------------------------
 
     async def save_rule(self, rule: dict[str, Any], replaces: Collection[str] = ()) -> None:

@@ -1,0 +1,56 @@
+"""``POST /api/inject/v1``: KumoMTA-compatible HTTP injection."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from ..message import AddressError, split_address
+from ..reception.inject import Composer, TemplateProblem, check_recipient
+from .deps import services
+from .models import ErrorResponse, InjectRequest, InjectResponse
+
+router = APIRouter(tags=["inject"])
+
+
+@router.post("/api/inject/v1", response_model=InjectResponse,
+             responses={422: {"model": ErrorResponse}})
+async def inject(req: InjectRequest, request: Request, svc=Depends(services)) -> dict:
+    """Queue one message per recipient; answers once they are durable."""
+    if req.envelope_sender:
+        try:
+            split_address(req.envelope_sender)
+        except AddressError as exc:
+            raise HTTPException(status_code=422, detail=f"envelope_sender: {exc}") from None
+    try:
+        composer = Composer(req, svc.settings.smtp.hostname)
+    except TemplateProblem as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    failed: list[str] = []
+    errors: list[str] = []
+    bodies: dict[bytes, list[str]] = {}
+    for rcpt in req.recipients:
+        problem = check_recipient(rcpt.email)
+        if problem is None:
+            try:
+                body = composer.render(rcpt)
+            except Exception as exc:  # a template error at render time (e.g. a bad filter)
+                problem = f"template error: {exc}"
+        if problem is not None:
+            failed.append(rcpt.email)
+            errors.append(f"{rcpt.email}: {problem}")
+            continue
+        if len(body) > svc.settings.smtp.max_message_size:
+            failed.append(rcpt.email)
+            errors.append(f"{rcpt.email}: message size exceeds fixed maximum message size")
+            continue
+        bodies.setdefault(body, []).append(rcpt.email)
+    peer = request.client.host if request.client else ""
+    await asyncio.gather(*(
+        svc.intake.accept(body, req.envelope_sender, rcpts, protocol="HTTP", peer=("", peer),
+                          session_id=None)
+        for body, rcpts in bodies.items()))
+    ok = sum(len(r) for r in bodies.values())
+    return {"success_count": ok, "fail_count": len(failed), "failed_recipients": failed,
+            "errors": errors}

@@ -1,0 +1,65 @@
+"""``GET /metrics``: Prometheus text exposition (prometheus_client)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..logs import (ADMIN_BOUNCE, BOUNCE, DELIVERY, EXPIRATION, RECEPTION, TRANSIENT_FAILURE)
+from .deps import services
+
+router = APIRouter(tags=["status"])
+
+_COUNTERS = [
+    ("sluice_messages_received", "Messages accepted (one per recipient).", RECEPTION),
+    ("sluice_messages_delivered", "Messages delivered (2xx from the destination).", DELIVERY),
+    ("sluice_transient_failures", "Delivery attempts that failed temporarily.", TRANSIENT_FAILURE),
+    ("sluice_messages_bounced", "Messages refused permanently by the destination.", BOUNCE),
+    ("sluice_messages_admin_bounced", "Messages cancelled by an admin bounce rule.", ADMIN_BOUNCE),
+    ("sluice_messages_expired", "Messages that reached max_age undelivered.", EXPIRATION),
+]
+
+
+class _Collector:
+    def __init__(self, svc) -> None:
+        self.svc = svc
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.svc.stats
+        for name, doc, key in _COUNTERS:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], stats.get(key, 0))
+            yield c
+        q = GaugeMetricFamily("sluice_scheduled_queue_size", "Messages in a scheduled queue.",
+                              labels=["queue"])
+        for name, n in list(self.svc.spool.counts.items()):
+            if n > 0:
+                q.add_metric([name], n)
+        yield q
+        r = GaugeMetricFamily("sluice_ready_queue_size", "Messages promoted for a site.",
+                              labels=["site"])
+        conns = GaugeMetricFamily("sluice_connections", "Open delivery connections per site.",
+                                  labels=["site"])
+        for name, site in list(self.svc.manager.sites.items()):
+            r.add_metric([name], len(site.queue) + len(site.in_flight))
+            conns.add_metric([name], site.connections)
+        yield r
+        yield conns
+        total = GaugeMetricFamily("sluice_spool_messages", "Messages in the spool.")
+        total.add_metric([], sum(self.svc.spool.counts.values()))
+        yield total
+        size = GaugeMetricFamily("sluice_spool_bytes", "Size of the spool on disk.")
+        size.add_metric([], self.svc.spool.size_bytes())
+        yield size
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(svc=Depends(services)) -> Response:
+    """Counters and queue sizes in Prometheus text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(svc))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,82 @@
+"""Suspend (hold without bouncing), end to end."""
+
+from __future__ import annotations
+
+import time
+
+from ..support import wait_for
+
+
+def test_suspend_holds_then_cancel_delivers_promptly(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"},
+                     queue='retry_interval = "1h"').start()
+    out = srv.kcli("suspend", "--campaign", "hold-me", "--reason", "checking", "--duration", "10m")
+    assert out.returncode == 0, out.stderr
+    sid = out.stdout.strip()
+    srv.send(["a@example.com", "b@example.com"], headers={"X-Campaign": "hold-me"})
+    srv.send(["free@example.com"], headers={"X-Campaign": "other"})
+    wait_for(lambda: sink.recipients() == ["free@example.com"])
+    time.sleep(2.0)  # several promotion rounds: held mail stays held
+    assert sorted(sink.recipients()) == ["free@example.com"]
+    assert srv.scheduled() == {"hold-me:@example.com": 2}
+    assert not srv.records("TransientFailure")  # held, not attempted
+
+    listed = srv.kcli("suspend-list", "--json")
+    assert '"reason": "checking"' in listed.stdout and sid in listed.stdout
+    table = srv.kcli("suspend-list").stdout
+    assert "campaign=hold-me" in table
+
+    t0 = time.time()
+    assert srv.kcli("suspend-cancel", "--id", sid).returncode == 0
+    wait_for(lambda: len(sink.recipients()) == 3, timeout=10)
+    assert time.time() - t0 < 5  # seconds, not a retry interval
+    assert srv.scheduled() == {}
+    assert srv.api("GET", "/api/admin/suspend/v1").json() == []
+
+
+def test_suspension_expires_by_itself(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+    r = srv.api("POST", "/api/admin/suspend/v1",
+                {"domain": "example.com", "reason": "short", "duration": "2s"})
+    assert r.status_code == 200 and set(r.json()) == {"id"}
+    srv.send(["a@example.com"])
+    time.sleep(1.0)
+    assert sink.recipients() == []
+    wait_for(lambda: sink.recipients() == ["a@example.com"], timeout=10)
+
+
+def test_bounce_during_suspension_removes_held_mail(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+    srv.kcli("suspend", "--tenant", "acme", "--reason", "hold", check=True)
+    srv.send(["a@example.com", "b@example.com"], headers={"X-Tenant": "acme"})
+    wait_for(lambda: srv.scheduled() == {"acme@example.com": 2})
+    srv.kcli("bounce", "--tenant", "acme", "--reason", "cancel it", check=True)
+    wait_for(lambda: len(srv.records("AdminBounce")) == 2)
+    assert srv.scheduled() == {}
+    assert sink.recipients() == []
+
+
+def test_suspension_survives_restart(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+    sid = srv.kcli("suspend", "--domain", "example.com", "--reason", "r", "--duration", "1h",
+                   check=True).stdout.strip()
+    srv.send(["a@example.com"])
+    assert srv.stop() == 0
+    srv.start()
+    assert [e["id"] for e in srv.api("GET", "/api/admin/suspend/v1").json()] == [sid]
+    time.sleep(1.5)
+    assert sink.recipients() == []
+    srv.kcli("suspend-cancel", "--id", sid, check=True)
+    wait_for(lambda: sink.recipients() == ["a@example.com"])
+
+
+def test_bad_suspend_requests(make_serve):
+    srv = make_serve().start()
+    for body, field in [({"domain": "a.com"}, "reason"),
+                        ({"reason": "x", "suppress_logging": True}, "suppress_logging"),
+                        ({"reason": "x", "duration": "never"}, "duration")]:
+        r = srv.api("POST", "/api/admin/suspend/v1", body)
+        assert r.status_code == 422 and field in r.json()["error"]
+    assert srv.api("GET", "/api/admin/suspend/v1").json() == []
+    r = srv.api("DELETE", "/api/admin/suspend/v1", {"id": "6f1c1f7e-3b7a-4c1e-9a53-0d6f5a0f6b11"})
+    assert r.status_code == 404
