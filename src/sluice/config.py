@@ -129,6 +129,7 @@ class DeliverySettings(_Section):
     messages_per_connection: int = Field(default=100, gt=0)
     connect_timeout: Seconds = 30.0
     command_timeout: Seconds = 60.0
+    nameservers: list[HostPort] = []   # DNS servers for MX lookups; empty = the system's
 
 
 class Settings(BaseModel):

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import Counter
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 
 import uvicorn
@@ -69,7 +69,8 @@ class Server:
         self.settings = settings
         spool = SqliteSpool(settings.data_path)
         rules = RuleBook()
-        router = Router(settings.routes, mx or MxResolver())
+        router = Router(settings.routes,
+                        mx or MxResolver(nameservers=settings.delivery.nameservers))
         stats: Counter[str] = Counter()
         manager = QueueManager(settings, spool, rules, router, stats)
         control = RuleControl(spool, rules, manager.admin_bounce_record, manager.purge_ready,

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from . import bounce, inject, inspect, metrics, status, suspend
 from .auth import Access
+from .models import FieldError
 
 if TYPE_CHECKING:
     from ..server import Services
@@ -45,6 +46,12 @@ def create_app(services: Services) -> FastAPI:
             details.append({"field": field, "problem": msg})
         text = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
         return JSONResponse(status_code=422, content={"error": text, "detail": details})
+
+    @app.exception_handler(FieldError)
+    async def _field_error(request: Request, exc: FieldError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={
+            "error": f"{exc.field}: {exc.problem}",
+            "detail": [{"field": exc.field, "problem": exc.problem}]})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -10,10 +10,17 @@ from ..durations import format_duration
 from ..rules.criteria import Criteria
 from ..rules.store import BOUNCE, Rule
 from .deps import services
-from .models import (BounceListEntry, BounceRequest, BounceResponse, DryRunResponse,
-                     ErrorResponse, RuleId)
+from .models import (
+    ERROR_RESPONSES,
+    BounceListEntry,
+    BounceRequest,
+    BounceResponse,
+    DryRunResponse,
+    ErrorResponse,
+    RuleId,
+)
 
-router = APIRouter(prefix="/api/admin/bounce/v1", tags=["bounce"])
+router = APIRouter(prefix="/api/admin/bounce/v1", tags=["bounce"], responses=ERROR_RESPONSES)
 
 
 def criteria_of(req: BounceRequest) -> Criteria:
@@ -30,7 +37,7 @@ def list_entry(rule: Rule, remaining: float) -> dict:
 
 
 @router.post("", response_model=BounceResponse | DryRunResponse,
-             responses={422: {"model": ErrorResponse}})
+             )
 async def create_bounce(req: BounceRequest, svc=Depends(services)) -> dict:
     """Bounce matching queued mail now, and matching new mail until the rule expires."""
     criteria = criteria_of(req)

@@ -4,29 +4,29 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 
 from ..message import AddressError, split_address
 from ..reception.inject import Composer, TemplateProblem, check_recipient
 from .deps import services
-from .models import ErrorResponse, InjectRequest, InjectResponse
+from .models import ERROR_RESPONSES, FieldError, InjectRequest, InjectResponse
 
-router = APIRouter(tags=["inject"])
+router = APIRouter(tags=["inject"], responses=ERROR_RESPONSES)
 
 
 @router.post("/api/inject/v1", response_model=InjectResponse,
-             responses={422: {"model": ErrorResponse}})
+             )
 async def inject(req: InjectRequest, request: Request, svc=Depends(services)) -> dict:
     """Queue one message per recipient; answers once they are durable."""
     if req.envelope_sender:
         try:
             split_address(req.envelope_sender)
         except AddressError as exc:
-            raise HTTPException(status_code=422, detail=f"envelope_sender: {exc}") from None
+            raise FieldError("envelope_sender", str(exc)) from None
     try:
         composer = Composer(req, svc.settings.smtp.hostname)
     except TemplateProblem as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
+        raise FieldError(exc.field, exc.problem) from None
     failed: list[str] = []
     errors: list[str] = []
     bodies: dict[bytes, list[str]] = {}

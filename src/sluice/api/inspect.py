@@ -6,9 +6,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 
 from ..logs import rfc3339
 from .deps import services
-from .models import ErrorResponse, InspectResponse
+from .models import ERROR_RESPONSES, ErrorResponse, InspectResponse
 
-router = APIRouter(tags=["inspect"])
+router = APIRouter(tags=["inspect"], responses=ERROR_RESPONSES)
 
 
 @router.get("/api/admin/inspect-message/v1", response_model=InspectResponse,

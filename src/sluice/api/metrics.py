@@ -9,10 +9,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..logs import (ADMIN_BOUNCE, BOUNCE, DELIVERY, EXPIRATION, RECEPTION, TRANSIENT_FAILURE)
+from ..logs import ADMIN_BOUNCE, BOUNCE, DELIVERY, EXPIRATION, RECEPTION, TRANSIENT_FAILURE
 from .deps import services
+from .models import ERROR_RESPONSES
 
-router = APIRouter(tags=["status"])
+router = APIRouter(tags=["status"], responses=ERROR_RESPONSES)
 
 _COUNTERS = [
     ("sluice_messages_received", "Messages accepted (one per recipient).", RECEPTION),

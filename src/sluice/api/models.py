@@ -11,8 +11,16 @@ import time
 import uuid
 from typing import Annotated
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from ..durations import DurationError, parse_duration
 from ..message import AddressError, normalize_domain
@@ -165,6 +173,33 @@ class SuspendResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
+
+
+class FieldProblem(BaseModel):
+    field: str
+    problem: str
+
+
+class FieldError(Exception):
+    """A request field whose value cannot be used; answered as 422 naming it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ValidationErrorResponse(BaseModel):
+    error: str
+    detail: list[FieldProblem]
+
+
+# Error answers every API route may give (documented in the OpenAPI document).
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "Unreadable request body"},
+    401: {"model": ErrorResponse, "description": "Not a trusted host and no valid token"},
+    422: {"model": ValidationErrorResponse, "description": "A field is missing or invalid"},
+}
 
 
 class InspectResponse(BaseModel):

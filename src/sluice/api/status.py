@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from .deps import services
+from .models import ERROR_RESPONSES
 
-router = APIRouter(tags=["status"])
+router = APIRouter(tags=["status"], responses=ERROR_RESPONSES)
 
 
 @router.get("/api/check-liveness/v1")

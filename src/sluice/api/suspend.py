@@ -8,12 +8,12 @@ from ..rules.criteria import Criteria
 from ..rules.store import SUSPEND
 from .bounce import list_entry
 from .deps import services
-from .models import ErrorResponse, RuleId, RuleListEntry, SuspendRequest, SuspendResponse
+from .models import ERROR_RESPONSES, ErrorResponse, RuleId, RuleListEntry, SuspendRequest, SuspendResponse
 
-router = APIRouter(prefix="/api/admin/suspend/v1", tags=["suspend"])
+router = APIRouter(prefix="/api/admin/suspend/v1", tags=["suspend"], responses=ERROR_RESPONSES)
 
 
-@router.post("", response_model=SuspendResponse, responses={422: {"model": ErrorResponse}})
+@router.post("", response_model=SuspendResponse)
 async def create_suspend(req: SuspendRequest, svc=Depends(services)) -> dict:
     """Hold matching mail in its queue until the suspension ends."""
     criteria = Criteria(campaign=req.campaign, tenant=req.tenant, domain=req.domain,

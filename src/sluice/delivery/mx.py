@@ -13,8 +13,10 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.nameserver
 import dns.resolver
 
+from ..config import split_host_port
 from ..logs import Response
 
 
@@ -33,13 +35,21 @@ class MxResolver:
     NEGATIVE_TTL = 60.0
     MAX_TTL = 3600.0
 
-    def __init__(self, resolver: Any | None = None) -> None:
+    def __init__(self, resolver: Any | None = None, nameservers: list[str] | None = None) -> None:
         self._resolver = resolver
+        self._nameservers = nameservers or []
         self._cache: dict[str, tuple[float, list[str] | DnsFailure]] = {}
 
     def _get_resolver(self) -> Any:
         if self._resolver is None:
-            self._resolver = dns.asyncresolver.Resolver()
+            if self._nameservers:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = [
+                    dns.nameserver.Do53Nameserver(*split_host_port(ns)) for ns in self._nameservers]
+                resolver.lifetime = 5.0
+            else:
+                resolver = dns.asyncresolver.Resolver()
+            self._resolver = resolver
         return self._resolver
 
     async def hosts(self, domain: str) -> list[str]:

@@ -18,10 +18,18 @@ from collections import Counter
 from ..config import Settings
 from ..delivery.mx import DnsFailure
 from ..delivery.routes import Router
-from ..logs import (ADMIN_BOUNCE, BOUNCE, DELIVERY, EXPIRATION, TRANSIENT_FAILURE, Response,
-                    admin_bounce_response, make_record)
+from ..logs import (
+    ADMIN_BOUNCE,
+    BOUNCE,
+    DELIVERY,
+    EXPIRATION,
+    TRANSIENT_FAILURE,
+    Response,
+    admin_bounce_response,
+    make_record,
+)
 from ..message import QueueName, parse_queue_name
-from ..rules.store import Rule, RuleBook, SUSPEND
+from ..rules.store import SUSPEND, Rule, RuleBook
 from ..spool import SqliteSpool, Stored
 from .ready import Site
 from .scheduled import expires_at, next_due

@@ -31,6 +31,7 @@ class TemplateProblem(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.problem = message
 
 
 def _compile(field: str, text: str | None) -> jinja2.Template | None:

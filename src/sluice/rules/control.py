@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..logs import ADMIN_BOUNCE
-
 from ..spool import SqliteSpool, Stored
 from .criteria import Criteria
 from .store import BOUNCE, Rule, RuleBook, new_rule
