@@ -164,8 +164,29 @@ class LogWriter(threading.Thread):
     def _path(self) -> Path:
         return self._log_dir / (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d") + ".jsonl")
 
+    def _repair_tails(self) -> None:
+        """Cut a record that a crash left half-written at the end of a file.
+
+        Its row is still in the outbox (rows are deleted only after the
+        write), so it is written again, whole, by the first drain.
+        """
+        for path in self._log_dir.glob("*.jsonl"):
+            with open(path, "r+b") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if size == 0:
+                    continue
+                fh.seek(max(0, size - 65536))
+                tail = fh.read()
+                if tail.endswith(b"\n"):
+                    continue
+                cut = tail.rfind(b"\n")
+                keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size)
+                fh.truncate(keep)
+                os.fsync(fh.fileno())
+
     def run(self) -> None:
         self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._repair_tails()
         conn = sqlite3.connect(self._db_path, check_same_thread=False)
         try:
             while True:
