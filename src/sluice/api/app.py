@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from . import bounce, inject, inspect, metrics, status, suspend
 from .auth import Access
+from .limits import BodyLimit
 from .models import FieldError
 
 if TYPE_CHECKING:
@@ -58,4 +59,6 @@ def create_app(services: Services) -> FastAPI:
         return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
                             headers=getattr(exc, "headers", None))
 
+    # Room for an injected message of the largest size, JSON-escaped.
+    app.add_middleware(BodyLimit, max_bytes=2 * services.settings.smtp.max_message_size + 65536)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -25,6 +26,13 @@ async def _main(server: Server) -> None:
     await server.stop()
 
 
+def _raise_fd_limit() -> None:
+    """An MTA holds many connections: use the hard limit on open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config_path: str | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -32,6 +40,7 @@ def run(config_path: str | None) -> int:
     except ConfigError as exc:
         print(f"sluice: bad configuration: {exc}", file=sys.stderr)
         return 2
+    _raise_fd_limit()
     try:
         import uvloop
         uvloop.install()
