@@ -24,7 +24,7 @@ def server(tmp_path_factory):
 
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
-VALUE = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), TEXT,
+VALUE = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), TEXT,
                   st.lists(TEXT, max_size=3), st.dictionaries(TEXT, TEXT, max_size=3))
 FIELDS = st.sampled_from(["reason", "campaign", "tenant", "domain", "routing_domain",
                           "queue_names", "duration", "expires", "suppress_logging", "dry_run",
