@@ -74,7 +74,7 @@ class Server:
         stats: Counter[str] = Counter()
         manager = QueueManager(settings, spool, rules, router, stats)
         control = RuleControl(spool, rules, manager.admin_bounce_record, manager.purge_ready,
-                              manager.announce, stats)
+                              manager.rules_changed, stats)
         intake = Intake(settings, spool, rules, manager.announce, stats)
         self.services = Services(settings, spool, rules, control, manager, intake, stats)
         self._smtp_servers: list[asyncio.base_events.Server] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from sluice.config import settings_from_dict
@@ -147,7 +149,8 @@ def test_empty_header_section(body):
 # ---- Intake.meta_for: headers -> Meta ------------------------------------------------
 
 def intake(**raw) -> Intake:
-    return Intake(settings_from_dict(raw), spool=None, rules=None, announce=lambda: None)
+    return Intake(settings_from_dict(raw), spool=None, rules=None, announce=lambda: None,
+                  stats=Counter())
 
 
 @pytest.mark.parametrize("lines,expected", [

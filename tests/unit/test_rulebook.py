@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import types
+from collections import Counter
 
 import pytest
 
@@ -320,7 +321,8 @@ def make_control():
         purged.append(rule)
 
     control = RuleControl(spool, book, bounce_record=lambda m, r: None,
-                          purge_ready=purge_ready, rules_changed=lambda: changed.append(1))
+                          purge_ready=purge_ready, rules_changed=lambda: changed.append(1),
+                          stats=Counter())
     return control, spool, book, purged, changed
 
 

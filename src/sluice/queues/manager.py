@@ -52,6 +52,7 @@ class QueueManager:
         self.stats = stats
         self.in_memory = 0
         self._wake = asyncio.Event()
+        self._holds_stale = True
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -81,6 +82,11 @@ class QueueManager:
         """New or released mail may be due: look now instead of at the next poll."""
         self._wake.set()
 
+    def rules_changed(self) -> None:
+        """A rule came or went: recompute which queues are held, then promote."""
+        self._holds_stale = True
+        self._wake.set()
+
     # -- promotion ---------------------------------------------------------
 
     def start(self) -> None:
@@ -89,6 +95,8 @@ class QueueManager:
     async def _run(self) -> None:
         while not self._stopping:
             try:
+                if self._holds_stale:
+                    await self._update_holds()
                 promoted = await self._promote_once()
             except Exception:  # never let one bad batch stop delivery
                 log.exception("promotion failed")
@@ -100,16 +108,26 @@ class QueueManager:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.POLL_SECONDS)
 
-    def suspended_queues(self) -> list[str]:
+    def suspended_queues(self) -> set[str]:
         if not self.rules.has(SUSPEND):
-            return []
-        return [q for q in list(self.spool.counts) if self.rules.suspended(q, self.parts(q))]
+            return set()
+        return {q for q in list(self.spool.counts) if self.rules.suspended(q, self.parts(q))}
+
+    async def _update_holds(self) -> None:
+        """Hold the queues suspended now, release those no longer suspended."""
+        self._holds_stale = False
+        want = self.suspended_queues()
+        held = set(self.spool.held)
+        if want - held:
+            await self.spool.hold(want - held)
+        if held - want:
+            await self.spool.unhold(held - want)
 
     async def _promote_once(self) -> int:
         room = min(self.CLAIM_BATCH, self.MAX_IN_MEMORY - self.in_memory)
         if room <= 0:
             return 0
-        rows = await self.spool.claim_due(time.time(), room, self.suspended_queues())
+        rows = await self.spool.claim_due(time.time(), room)
         self.in_memory += len(rows)
         if rows:
             await asyncio.gather(*(self._route(m) for m in rows))
@@ -159,7 +177,10 @@ class QueueManager:
         if rule is not None:
             await self.admin_bounce(msg, rule)
         else:
-            await self.spool.release([msg.id])
+            held = self.rules.suspended(msg.queue, self.parts(msg.queue)) is not None
+            await self.spool.release([msg.id], held=held)
+            if held:
+                self.spool.held.add(msg.queue)
             self.in_memory -= 1
 
     async def admin_bounce(self, msg: Stored, rule: Rule, extra: list[bytes] | None = None) -> None:

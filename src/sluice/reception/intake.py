@@ -102,6 +102,8 @@ class Intake:
                                                response=admin_bounce_response(rule.reason),
                                                **{**common, "peer": None}))
                 bounced += 1
+            else:
+                item.held = self.rules.suspended(name, queue) is not None
             items.append(item)
         await self.spool.receive(body, items)
         for item in items:

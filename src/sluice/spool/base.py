@@ -25,7 +25,8 @@ class Inbound:
     """A message being received, with the records its reception writes.
 
     ``terminal`` set means the message is not queued at all (an active bounce
-    rule caught it at reception); ``rule_id`` then names that rule.
+    rule caught it at reception); ``rule_id`` then names that rule. ``held``
+    means its queue is suspended.
     """
 
     id: str
@@ -36,6 +37,7 @@ class Inbound:
     records: list[bytes] = field(default_factory=list)
     terminal: bool = False
     rule_id: str | None = None
+    held: bool = False
 
 
 @dataclass(slots=True)
@@ -61,6 +63,7 @@ class Spool(Protocol):
 
     counts: Mapping[str, int]
     parts: Mapping[str, QueueName]
+    held: set[str]
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -68,8 +71,8 @@ class Spool(Protocol):
     async def receive(self, body: bytes, items: list[Inbound]) -> None:
         """Store the body once and every non-terminal item; commit with fsync."""
 
-    async def claim_due(self, now: float, limit: int, exclude: Collection[str]) -> list[Stored]:
-        """Mark up to ``limit`` due messages as being delivered and return them."""
+    async def claim_due(self, now: float, limit: int) -> list[Stored]:
+        """Mark up to ``limit`` due, not held messages as being delivered; return them."""
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
         """Remove a claimed message for good, writing its terminal record."""
@@ -77,12 +80,18 @@ class Spool(Protocol):
     async def retry(self, msg: Stored, due: float, records: list[bytes]) -> bool:
         """Put a claimed message back into its scheduled queue."""
 
-    async def release(self, ids: Collection[str]) -> None:
-        """Put claimed messages back, due now, without any record."""
+    async def release(self, ids: Collection[str], held: bool = False) -> None:
+        """Put claimed messages back (held, or scheduled as due) without any record."""
+
+    async def hold(self, queues: Collection[str]) -> None:
+        """Suspend: keep the messages of ``queues`` out of promotion."""
+
+    async def unhold(self, queues: Collection[str]) -> None:
+        """End a suspension of ``queues``."""
 
     async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
                     rule_id: str) -> dict[str, int]:
-        """Remove up to ``limit`` scheduled messages of ``queues``; per-queue counts."""
+        """Remove up to ``limit`` scheduled or held messages of ``queues``; per-queue counts."""
 
     async def load_body(self, body_id: int) -> bytes: ...
     async def get_message(self, msg_id: str) -> Stored | None: ...

@@ -25,8 +25,9 @@ from ..logs import LogWriter
 from ..message import QueueName
 from .base import Inbound, RecordFn, Stored
 
-SCHEDULED = 0
-CLAIMED = 1
+SCHEDULED = 0   # waiting in its scheduled queue until due
+CLAIMED = 1     # promoted: in a ready queue or being delivered
+HELD = 2        # its queue is suspended; not considered for promotion
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -197,6 +198,7 @@ class SqliteSpool:
         self.log_dir = Path(data_dir) / "logs"
         self.counts: dict[str, int] = defaultdict(int)
         self.parts: dict[str, QueueName] = {}
+        self.held: set[str] = set()
         self.claimed = 0
         self._writer: _Writer | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-spool-reader")
@@ -222,8 +224,9 @@ class SqliteSpool:
         try:
             conn.executescript(_SCHEMA)
             # Messages claimed by a previous run were never finished: at least
-            # once delivery means they go back to their scheduled queue.
-            conn.execute("UPDATE messages SET state = 0 WHERE state = 1")
+            # once delivery means they go back to their scheduled queue. Held
+            # ones too: holds are recomputed from the rules once they are loaded.
+            conn.execute("UPDATE messages SET state = 0 WHERE state != 0")
             for name, domain, campaign, tenant, routing in conn.execute(
                     "SELECT name, domain, campaign, tenant, routing_domain FROM queues"):
                 self.parts[name] = QueueName(domain, campaign, tenant, routing)
@@ -309,10 +312,10 @@ class SqliteSpool:
                                      (name, q.domain, q.campaign, q.tenant, q.routing_domain))
                         self.parts[name] = q
                 conn.executemany(
-                    "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(i.id, str(i.queue), i.sender, i.recipient, body_id, size, i.created, i.created)
-                     for i in queued])
+                    "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due,"
+                    " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(i.id, str(i.queue), i.sender, i.recipient, body_id, size, i.created, i.created,
+                      HELD if i.held else SCHEDULED) for i in queued])
             self._add_records(conn, records)
             by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             for i in items:
@@ -324,22 +327,20 @@ class SqliteSpool:
         await self._submit(op)
         for i in queued:
             self.counts[str(i.queue)] += 1
+            if i.held:
+                self.held.add(str(i.queue))
 
     # -- the scheduled -> ready -> done path -------------------------------
 
-    async def claim_due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[Stored]:
+    async def claim_due(self, now: float, limit: int) -> list[Stored]:
         if limit <= 0:
             return []
-        excl = list(exclude)
-        where = "state = 0 AND due <= ?"
-        if excl:
-            where += f" AND queue NOT IN ({','.join('?' * len(excl))})"
 
         def op(conn: sqlite3.Connection) -> list[Stored]:
             rows = conn.execute(
-                f"UPDATE messages SET state = 1 WHERE id IN (SELECT id FROM messages WHERE {where}"
-                f" ORDER BY due LIMIT ?) RETURNING {_COLS}",
-                (now, *excl, limit)).fetchall()
+                "UPDATE messages SET state = 1 WHERE id IN (SELECT id FROM messages"
+                f" WHERE state = 0 AND due <= ? ORDER BY due LIMIT ?) RETURNING {_COLS}",
+                (now, limit)).fetchall()
             return [_row(r) for r in rows]
 
         rows = await self._submit(op)
@@ -379,17 +380,35 @@ class SqliteSpool:
             self.claimed -= 1
         return done
 
-    async def release(self, ids: Collection[str]) -> None:
+    async def release(self, ids: Collection[str], held: bool = False) -> None:
         ids = list(ids)
         if not ids:
             return
+        state = HELD if held else SCHEDULED
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.executemany("UPDATE messages SET state = 0 WHERE id = ? AND state = 1",
-                                    [(i,) for i in ids]).rowcount
+            return conn.executemany("UPDATE messages SET state = ? WHERE id = ? AND state = 1",
+                                    [(state, i) for i in ids]).rowcount
 
         n = await self._submit(op)
         self.claimed -= n
+
+    async def hold(self, queues: Collection[str]) -> None:
+        """Take the scheduled messages of ``queues`` out of promotion."""
+        await self._set_queue_state(queues, SCHEDULED, HELD)
+        self.held.update(queues)
+
+    async def unhold(self, queues: Collection[str]) -> None:
+        """Give held messages of ``queues`` back to their scheduled queues."""
+        await self._set_queue_state(queues, HELD, SCHEDULED)
+        self.held.difference_update(queues)
+
+    async def _set_queue_state(self, queues: Collection[str], old: int, new: int) -> None:
+        names = list(queues)
+        if names:
+            await self._submit(lambda c: c.executemany(
+                "UPDATE messages SET state = ? WHERE queue = ? AND state = ?",
+                [(new, q, old) for q in names]))
 
     async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
                     rule_id: str) -> dict[str, int]:
@@ -404,7 +423,7 @@ class SqliteSpool:
                     break
                 rows = conn.execute(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-                    " WHERE queue = ? AND state = 0 LIMIT ?)"
+                    " WHERE queue = ? AND state IN (0, 2) LIMIT ?)"
                     f" RETURNING {_COLS}", (name, budget)).fetchall()
                 for r in rows:
                     rec = record(_row(r))
@@ -439,11 +458,6 @@ class SqliteSpool:
         row = await self._read(lambda c: c.execute(
             f"SELECT {_COLS} FROM messages WHERE id = ?", (msg_id,)).fetchone())
         return _row(row) if row else None
-
-    async def message_state(self, msg_id: str) -> int | None:
-        row = await self._read(lambda c: c.execute(
-            "SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone())
-        return row[0] if row else None
 
     def size_bytes(self) -> int:
         """Bytes on disk: the database and its write-ahead log."""
