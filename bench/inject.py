@@ -502,7 +502,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the temporary data dir goes (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temporary dir (config, spool, logs)")
     p.add_argument("--no-suspend", dest="suspend", action="store_false",
-                   help="do not suspend the test domain (mail then only waits on the dead route)")
+                   help="do not suspend the test domain: each message is then claimed, "
+                        "tried once against the dead route (connection refused) and "
+                        "rescheduled 1h later, so delivery-side work is measured too")
     p.add_argument("--timeout", type=float, default=120.0, help="per SMTP step, seconds (120)")
     p.add_argument("--progress", type=float, default=5.0,
                    help="seconds between progress lines on stderr (0: none)")
