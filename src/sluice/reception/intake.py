@@ -85,7 +85,7 @@ class Intake:
                 meta = meta_cache[domain] = self.meta_for(body, domain)
             queue = queue_for(domain, meta)
             name = str(queue)
-            msg_id = new_message_id()
+            msg_id = new_message_id(name)
             common = dict(msg_id=msg_id, sender=sender, recipient=rcpt, queue=name,
                           meta=meta.as_dict(), size=len(body), created=now, nodeid=node,
                           peer=peer, reception_protocol=protocol, session_id=session_id, now=now)

@@ -24,7 +24,7 @@ from .store import BOUNCE, Rule, RuleBook, new_rule
 
 log = logging.getLogger(__name__)
 
-SWEEP_CHUNK = 5000
+SWEEP_CHUNK = 2000
 
 
 class RuleControl:
@@ -105,13 +105,15 @@ class RuleControl:
 
     async def _sweep(self, rule: Rule) -> None:
         """Remove every scheduled message the rule matches, chunk by chunk."""
+        def record(m: Stored) -> bytes | None:
+            return self._bounce_record(m, rule)
+
         try:
             while rule.active():
-                queues = list(self.matching_queues(rule.criteria))
-                if not queues:
+                matching = self.matching_queues(rule.criteria)
+                if not matching:
                     return
-                removed = await self.spool.sweep(
-                    queues, SWEEP_CHUNK, lambda m: self._bounce_record(m, rule), rule.id)
+                removed = await self.spool.sweep(list(matching), SWEEP_CHUNK, record, rule.id)
                 if not removed:
                     return
                 for q, n in removed.items():

@@ -10,6 +10,7 @@ reader thread. Memory holds per-queue counters, never per-message objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue as queue_mod
 import sqlite3
 import threading
@@ -56,9 +57,11 @@ CREATE TABLE IF NOT EXISTS messages (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_queue_due ON messages(queue, due);
 CREATE INDEX IF NOT EXISTS messages_scheduled_due ON messages(due) WHERE state = 0;
-CREATE TRIGGER IF NOT EXISTS messages_release_body AFTER DELETE ON messages BEGIN
-    UPDATE bodies SET refs = refs - 1 WHERE id = OLD.body_id;
-    DELETE FROM bodies WHERE id = OLD.body_id AND refs <= 0;
+-- A removed message only notes its body as garbage (an append); bodies are
+-- released later in small batches, off the path of sweeps and deliveries.
+CREATE TABLE IF NOT EXISTS garbage (body_id INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS messages_note_garbage AFTER DELETE ON messages BEGIN
+    INSERT INTO garbage(body_id) VALUES (OLD.body_id);
 END;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -206,6 +209,7 @@ class SqliteSpool:
         self._logs: LogWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._collector: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -218,6 +222,7 @@ class SqliteSpool:
         self._writer.start()
         self._logs.start()
         self._logs.wake()
+        self._collector = asyncio.create_task(self._collect_loop(), name="spool-body-collector")
 
     def _prepare(self) -> None:
         conn = _connect(self.path)
@@ -236,6 +241,10 @@ class SqliteSpool:
             conn.close()
 
     async def close(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
         self._closing = True
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
@@ -412,12 +421,14 @@ class SqliteSpool:
 
     async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
                     rule_id: str) -> dict[str, int]:
+        """Remove up to ``limit`` scheduled or held messages of ``queues``, queue by
+        queue (each queue's rows are contiguous: see ``new_message_id``)."""
         names = list(queues)
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             removed: dict[str, int] = defaultdict(int)
-            budget = limit
             records = []
+            budget = limit
             for name in names:
                 if budget <= 0:
                     break
@@ -425,13 +436,13 @@ class SqliteSpool:
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
                     " WHERE queue = ? AND state IN (0, 2) LIMIT ?)"
                     f" RETURNING {_COLS}", (name, budget)).fetchall()
+                budget -= len(rows)
                 for r in rows:
                     rec = record(_row(r))
                     if rec is not None:
                         records.append(rec)
                 if rows:
-                    removed[name] += len(rows)
-                    budget -= len(rows)
+                    removed[name] = len(rows)
             self._add_records(conn, records)
             self._count_rule(conn, rule_id, removed)
             return dict(removed)
@@ -440,6 +451,35 @@ class SqliteSpool:
         for name, n in removed.items():
             self._dec(name, n)
         return removed
+
+    async def collect_bodies(self, limit: int = 1000) -> int:
+        """Release the bodies of up to ``limit`` removed messages; returns how many."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute("SELECT rowid, body_id FROM garbage ORDER BY rowid LIMIT ?",
+                                (limit,)).fetchall()
+            if not rows:
+                return 0
+            refs: dict[int, int] = defaultdict(int)
+            for _, body_id in rows:
+                refs[body_id] += 1
+            conn.executemany("UPDATE bodies SET refs = refs - ? WHERE id = ?",
+                             [(n, b) for b, n in refs.items()])
+            conn.executemany("DELETE FROM bodies WHERE id = ? AND refs <= 0",
+                             [(b,) for b in refs])
+            conn.execute("DELETE FROM garbage WHERE rowid <= ?", (rows[-1][0],))
+            return len(rows)
+
+        return await self._submit(op)
+
+    async def _collect_loop(self) -> None:
+        """Release garbage bodies a little at a time, so no writer batch waits long."""
+        while True:
+            try:
+                n = await self.collect_bodies()
+            except SpoolClosed:
+                return
+            await asyncio.sleep(0.1 if n else 1.0)
 
     async def add_records(self, records: list[bytes]) -> None:
         """Commit log records that go with no state change (e.g. Rejection)."""
