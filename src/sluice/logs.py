@@ -133,6 +133,34 @@ def make_record(
     return orjson.dumps(rec)
 
 
+# An outbox row that starts with this holds a packed batch of AdminBounce
+# records (a bounce sweep's chunk): the shared parts once, the per-message
+# fields as a list. The log writer expands it; expansion is deterministic,
+# so a batch written twice after a crash repeats its records identically.
+PACKED = b"\x00AB1"
+
+
+def pack_admin_bounces(rows: list[tuple], reason: str, nodeid: str,
+                       meta: dict[str, dict[str, str]]) -> bytes:
+    """``rows``: (id, sender, recipient, queue, size, created, attempts) tuples."""
+    return PACKED + orjson.dumps({"reason": reason, "nodeid": nodeid, "now": time.time(),
+                                  "meta": meta, "rows": rows})
+
+
+def expand(entry: bytes) -> bytes:
+    """The JSON lines an outbox row stands for (packed or not)."""
+    if not entry.startswith(PACKED):
+        return entry
+    batch = orjson.loads(entry[len(PACKED):])
+    response = admin_bounce_response(batch["reason"])
+    meta, nodeid, now = batch["meta"], batch["nodeid"], batch["now"]
+    return b"\n".join(
+        make_record(ADMIN_BOUNCE, msg_id=i, sender=sender, recipient=rcpt, queue=queue,
+                    meta=meta.get(queue, {}), size=size, created=created, num_attempts=attempts,
+                    nodeid=nodeid, response=response, now=now)
+        for i, sender, rcpt, queue, size, created, attempts in batch["rows"])
+
+
 class LogWriter(threading.Thread):
     """Drains the spool's outbox to JSONL files, oldest record first.
 
@@ -140,7 +168,8 @@ class LogWriter(threading.Thread):
     single writer, so this thread never writes to the database itself.
     """
 
-    BATCH = 20000
+    MAX_ROWS = 5000
+    MAX_BYTES = 8 << 20
 
     def __init__(self, db_path: Path, log_dir: Path,
                  delete_upto: Callable[[int], None]) -> None:
@@ -152,7 +181,6 @@ class LogWriter(threading.Thread):
         self._stopping = False
         self._last_seq = 0
         self._idle = threading.Event()
-        self.written = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -209,18 +237,25 @@ class LogWriter(threading.Thread):
             conn.close()
 
     def _drain_once(self, conn: sqlite3.Connection) -> bool:
-        rows = conn.execute(
-            "SELECT seq, record FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-            (self._last_seq, self.BATCH),
-        ).fetchall()
-        if not rows:
+        chunks: list[bytes] = []
+        size = 0
+        last = self._last_seq
+        full = False
+        for seq, record in conn.execute("SELECT seq, record FROM outbox WHERE seq > ? ORDER BY seq",
+                                        (self._last_seq,)):
+            chunks.append(expand(record))
+            size += len(chunks[-1])
+            last = seq
+            if len(chunks) >= self.MAX_ROWS or size >= self.MAX_BYTES:
+                full = True
+                break
+        if not chunks:
             return False
-        data = b"\n".join(r[1] for r in rows) + b"\n"
+        data = b"\n".join(chunks) + b"\n"
         with open(self._path(), "ab") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        self._last_seq = rows[-1][0]
-        self.written += len(rows)
-        self._delete_upto(self._last_seq)
-        return len(rows) == self.BATCH
+        self._last_seq = last
+        self._delete_upto(last)
+        return full

@@ -73,7 +73,7 @@ class Server:
                         mx or MxResolver(nameservers=settings.delivery.nameservers))
         stats: Counter[str] = Counter()
         manager = QueueManager(settings, spool, rules, router, stats)
-        control = RuleControl(spool, rules, manager.admin_bounce_record, manager.purge_ready,
+        control = RuleControl(spool, rules, manager.pack_admin_bounces, manager.purge_ready,
                               manager.rules_changed, stats)
         intake = Intake(settings, spool, rules, manager.announce, stats)
         self.services = Services(settings, spool, rules, control, manager, intake, stats)

@@ -320,7 +320,7 @@ def make_control():
     async def purge_ready(rule):
         purged.append(rule)
 
-    control = RuleControl(spool, book, bounce_record=lambda m, r: None,
+    control = RuleControl(spool, book, pack_bounces=lambda m, r: None,
                           purge_ready=purge_ready, rules_changed=lambda: changed.append(1),
                           stats=Counter())
     return control, spool, book, purged, changed

@@ -27,6 +27,7 @@ from ..logs import (
     Response,
     admin_bounce_response,
     make_record,
+    pack_admin_bounces,
 )
 from ..message import QueueName, parse_queue_name
 from ..rules.store import SUSPEND, Rule, RuleBook
@@ -35,6 +36,8 @@ from .ready import Site
 from .scheduled import expires_at, next_due
 
 log = logging.getLogger(__name__)
+
+_DELIVERY_KINDS = (DELIVERY, BOUNCE, TRANSIENT_FAILURE)
 
 
 class QueueManager:
@@ -64,19 +67,29 @@ class QueueManager:
 
     def record(self, kind: str, msg: Stored, response: Response, site: str = "",
                peer: tuple[str, str] | None = None) -> bytes:
-        parts = self.parts(msg.queue)
-        meta = {k: v for k, v in (("tenant", parts.tenant), ("campaign", parts.campaign),
-                                  ("routing_domain", parts.routing_domain)) if v}
         return make_record(kind, msg_id=msg.id, sender=msg.sender, recipient=msg.recipient,
-                           queue=msg.queue, meta=meta, size=msg.size, created=msg.created,
-                           num_attempts=msg.attempts, nodeid=self.settings.server.node_name,
-                           response=response, site=site, peer=peer,
-                           delivery_protocol="ESMTP" if kind in (DELIVERY, BOUNCE, TRANSIENT_FAILURE) else None)
+                           queue=msg.queue, meta=self.meta(msg.queue), size=msg.size,
+                           created=msg.created, num_attempts=msg.attempts,
+                           nodeid=self.settings.server.node_name, response=response, site=site,
+                           peer=peer, delivery_protocol="ESMTP" if kind in _DELIVERY_KINDS else None)
+
+    def meta(self, queue: str) -> dict[str, str]:
+        parts = self.parts(queue)
+        return {k: v for k, v in (("tenant", parts.tenant), ("campaign", parts.campaign),
+                                  ("routing_domain", parts.routing_domain)) if v}
 
     def admin_bounce_record(self, msg: Stored, rule: Rule) -> bytes | None:
         if rule.suppress_logging:
             return None
         return self.record(ADMIN_BOUNCE, msg, admin_bounce_response(rule.reason))
+
+    def pack_admin_bounces(self, msgs: list[Stored], rule: Rule) -> bytes | None:
+        """The AdminBounce records of a sweep chunk, packed (see logs.PACKED)."""
+        if rule.suppress_logging:
+            return None
+        rows = [(m.id, m.sender, m.recipient, m.queue, m.size, m.created, m.attempts) for m in msgs]
+        return pack_admin_bounces(rows, rule.reason, self.settings.server.node_name,
+                                  {q: self.meta(q) for q in {m.queue for m in msgs}})
 
     def announce(self) -> None:
         """New or released mail may be due: look now instead of at the next poll."""

@@ -29,13 +29,13 @@ SWEEP_CHUNK = 2000
 
 class RuleControl:
     def __init__(self, spool: SqliteSpool, book: RuleBook,
-                 bounce_record: Callable[[Stored, Rule], bytes | None],
+                 pack_bounces: Callable[[list[Stored], Rule], bytes | None],
                  purge_ready: Callable[[Rule], object],
                  rules_changed: Callable[[], None], stats: Counter[str]) -> None:
         self.spool = spool
         self.stats = stats
         self.book = book
-        self._bounce_record = bounce_record
+        self._pack_bounces = pack_bounces
         self._purge_ready = purge_ready
         self._rules_changed = rules_changed
         self._sweeps: dict[str, asyncio.Task] = {}
@@ -105,15 +105,15 @@ class RuleControl:
 
     async def _sweep(self, rule: Rule) -> None:
         """Remove every scheduled message the rule matches, chunk by chunk."""
-        def record(m: Stored) -> bytes | None:
-            return self._bounce_record(m, rule)
+        def pack(msgs: list[Stored]) -> bytes | None:
+            return self._pack_bounces(msgs, rule)
 
         try:
             while rule.active():
                 matching = self.matching_queues(rule.criteria)
                 if not matching:
                     return
-                removed = await self.spool.sweep(list(matching), SWEEP_CHUNK, record, rule.id)
+                removed = await self.spool.sweep(list(matching), SWEEP_CHUNK, pack, rule.id)
                 if not removed:
                     return
                 for q, n in removed.items():

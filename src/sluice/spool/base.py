@@ -62,7 +62,8 @@ class Stored:
     attempts: int
 
 
-RecordFn = Callable[[Stored], bytes | None]
+# Makes the outbox entry for a chunk of admin-bounced messages (None: no records).
+PackFn = Callable[[list[Stored]], bytes | None]
 
 
 class Spool(Protocol):
@@ -96,7 +97,7 @@ class Spool(Protocol):
     async def unhold(self, queues: Collection[str]) -> None:
         """End a suspension of ``queues``."""
 
-    async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
+    async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
                     rule_id: str) -> dict[str, int]:
         """Remove up to ``limit`` scheduled or held messages of ``queues``; per-queue counts."""
 

@@ -14,6 +14,7 @@ import contextlib
 import queue as queue_mod
 import sqlite3
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import orjson
 
 from ..logs import LogWriter
 from ..message import QueueName
-from .base import Inbound, RecordFn, Stored
+from .base import Inbound, PackFn, Stored
 
 SCHEDULED = 0   # waiting in its scheduled queue until due
 CLAIMED = 1     # promoted: in a ready queue or being delivered
@@ -121,6 +122,10 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         conn = _connect(self._path)
+        # Checkpoint less often: pages written and rewritten between two
+        # checkpoints (outbox rows, hot index pages) are copied back once.
+        conn.execute("PRAGMA wal_autocheckpoint=8000")
+        conn.execute("PRAGMA cache_size=-65536")
         try:
             stopping = False
             while not stopping:
@@ -210,6 +215,7 @@ class SqliteSpool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._collector: asyncio.Task | None = None
+        self._last_sweep = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -275,8 +281,10 @@ class SqliteSpool:
         return self._writer.submit(op, asyncio.get_running_loop())
 
     def _add_records(self, conn: sqlite3.Connection, records: list[bytes]) -> None:
+        # The records of one change go in as one row (JSON lines): one insert
+        # and one delete per change instead of one per record.
         if records:
-            conn.executemany("INSERT INTO outbox(record) VALUES (?)", [(r,) for r in records])
+            conn.execute("INSERT INTO outbox(record) VALUES (?)", (b"\n".join(records),))
             assert self._writer is not None
             self._writer.outbox_dirty = True
 
@@ -419,7 +427,7 @@ class SqliteSpool:
                 "UPDATE messages SET state = ? WHERE queue = ? AND state = ?",
                 [(new, q, old) for q in names]))
 
-    async def sweep(self, queues: Collection[str], limit: int, record: RecordFn,
+    async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
                     rule_id: str) -> dict[str, int]:
         """Remove up to ``limit`` scheduled or held messages of ``queues``, queue by
         queue (each queue's rows are contiguous: see ``new_message_id``)."""
@@ -427,26 +435,24 @@ class SqliteSpool:
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             removed: dict[str, int] = defaultdict(int)
-            records = []
-            budget = limit
+            gone: list[Stored] = []
             for name in names:
-                if budget <= 0:
+                if len(gone) >= limit:
                     break
                 rows = conn.execute(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
                     " WHERE queue = ? AND state IN (0, 2) LIMIT ?)"
-                    f" RETURNING {_COLS}", (name, budget)).fetchall()
-                budget -= len(rows)
-                for r in rows:
-                    rec = record(_row(r))
-                    if rec is not None:
-                        records.append(rec)
+                    f" RETURNING {_COLS}", (name, limit - len(gone))).fetchall()
+                gone += map(_row, rows)
                 if rows:
                     removed[name] = len(rows)
-            self._add_records(conn, records)
+            packed = pack(gone) if gone else None
+            if packed is not None:
+                self._add_records(conn, [packed])
             self._count_rule(conn, rule_id, removed)
             return dict(removed)
 
+        self._last_sweep = time.monotonic()
         removed = await self._submit(op)
         for name, n in removed.items():
             self._dec(name, n)
@@ -473,8 +479,12 @@ class SqliteSpool:
         return await self._submit(op)
 
     async def _collect_loop(self) -> None:
-        """Release garbage bodies a little at a time, so no writer batch waits long."""
+        """Release garbage bodies a little at a time, so no writer batch waits long,
+        and not while a bounce sweep runs (it comes first)."""
         while True:
+            if time.monotonic() - self._last_sweep < 2.0:
+                await asyncio.sleep(0.5)
+                continue
             try:
                 n = await self.collect_bodies()
             except SpoolClosed:
