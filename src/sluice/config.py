@@ -7,6 +7,7 @@ file, the key and the problem, so ``sluice serve`` can stop with it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -72,9 +73,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 class ServerSettings(_Section):
     data_dir: str = "var"
     node_name: str = "sluice"
+    # SMTP reception processes sharing the listening port; 0 = reception in
+    # the main process.
+    workers: int = Field(default_factory=_cores, ge=0, le=64)
 
 
 class SmtpSettings(_Section):

@@ -28,6 +28,7 @@ from .reception.smtp import ReceptionHandler, start_smtp
 from .rules.control import RuleControl
 from .rules.store import RuleBook
 from .spool import SqliteSpool
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,13 @@ class Server:
         manager = QueueManager(settings, spool, rules, router, stats)
         control = RuleControl(spool, rules, manager.pack_admin_bounces, manager.purge_ready,
                               manager.rules_changed, stats)
-        intake = Intake(settings, spool, rules, manager.announce, stats)
+        intake = Intake(settings, spool, rules, manager.apply_received)
         self.services = Services(settings, spool, rules, control, manager, intake, stats)
+        self.workers: WorkerPool | None = None
+        if settings.server.workers > 0:
+            self.workers = WorkerPool(settings, settings.server.workers, manager.apply_received,
+                                      rules.rows)
+            control.sync = self.workers.push_rules
         self._smtp_servers: list[asyncio.base_events.Server] = []
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
@@ -87,11 +93,14 @@ class Server:
         await s.spool.open()
         await s.control.start()
         s.manager.start()
-        handler = ReceptionHandler(self.settings, s.intake)
-        for listen in self.settings.smtp.listen:
-            host, port = split_host_port(listen)
-            self._smtp_servers.append(
-                await start_smtp(self.settings, handler, host, port, self._sessions))
+        if self.workers is not None:
+            await self.workers.start()
+        else:
+            handler = ReceptionHandler(self.settings, s.intake)
+            for listen in self.settings.smtp.listen:
+                host, port = split_host_port(listen)
+                self._smtp_servers.append(
+                    await start_smtp(self.settings, handler, host, port, self._sessions))
         sockets = [_bind(listen) for listen in self.settings.http.listen]
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
                                 access_log=False, limit_concurrency=1000)
@@ -107,6 +116,8 @@ class Server:
 
     async def stop(self) -> None:
         s = self.services
+        if self.workers is not None:
+            await self.workers.stop()
         for srv in self._smtp_servers:
             srv.close()
         if self._http is not None:

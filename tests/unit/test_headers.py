@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
 from sluice.config import settings_from_dict
@@ -149,8 +147,10 @@ def test_empty_header_section(body):
 # ---- Intake.meta_for: headers -> Meta ------------------------------------------------
 
 def intake(**raw) -> Intake:
-    return Intake(settings_from_dict(raw), spool=None, rules=None, announce=lambda: None,
-                  stats=Counter())
+    async def report(summary):
+        return None
+
+    return Intake(settings_from_dict(raw), spool=None, rules=None, report=report)
 
 
 @pytest.mark.parametrize("lines,expected", [

@@ -23,6 +23,7 @@ from ..logs import (
     BOUNCE,
     DELIVERY,
     EXPIRATION,
+    RECEPTION,
     TRANSIENT_FAILURE,
     Response,
     admin_bounce_response,
@@ -90,6 +91,29 @@ class QueueManager:
         rows = [(m.id, m.sender, m.recipient, m.queue, m.size, m.created, m.attempts) for m in msgs]
         return pack_admin_bounces(rows, rule.reason, self.settings.server.node_name,
                                   {q: self.meta(q) for q in {m.queue for m in msgs}})
+
+    async def apply_received(self, summary: dict) -> None:
+        """Count what a reception committed (this process's or a worker's)."""
+        spool = self.spool
+        queued = 0
+        for name, domain, campaign, tenant, routing, n, held in summary["queues"]:
+            if name not in spool.parts:
+                spool.parts[name] = QueueName(domain, campaign, tenant, routing)
+            spool.counts[name] += n
+            queued += n
+            if held:
+                spool.held.add(name)
+        caught = 0
+        for rule_id, queue, n in summary["bounced"]:
+            caught += n
+            rule = self.rules.get(rule_id)
+            if rule is not None:
+                rule.bounced[queue] += n
+        self.stats[RECEPTION] += summary["received"]
+        self.stats[ADMIN_BOUNCE] += caught
+        spool.wake_logs()
+        if queued:
+            self.announce()
 
     def announce(self) -> None:
         """New or released mail may be due: look now instead of at the next poll."""

@@ -10,9 +10,9 @@ told 250 (DESIGN invariant 1).
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Settings
 from ..logs import ADMIN_BOUNCE, RECEPTION, Response, admin_bounce_response, make_record
@@ -54,14 +54,41 @@ class Accepted:
     bounced: int
 
 
+def summarize(items: list[Inbound]) -> dict[str, Any]:
+    """What the queue side must learn of a committed reception (JSON-able).
+
+    ``queues``: [name, domain, campaign, tenant, routing_domain, queued, held]
+    per queue; ``bounced``: [rule_id, queue, n] for messages a rule caught.
+    """
+    queues: dict[str, list] = {}
+    bounced: dict[tuple[str, str], int] = {}
+    for i in items:
+        name = str(i.queue)
+        if i.terminal:
+            if i.rule_id:
+                bounced[(i.rule_id, name)] = bounced.get((i.rule_id, name), 0) + 1
+            continue
+        q = i.queue
+        entry = queues.setdefault(name, [name, q.domain, q.campaign, q.tenant, q.routing_domain,
+                                         0, i.held])
+        entry[5] += 1
+    return {"received": len(items), "queues": list(queues.values()),
+            "bounced": [[rid, q, n] for (rid, q), n in bounced.items()]}
+
+
+Report = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 class Intake:
+    """``report`` hands each committed reception's summary to the queue side:
+    directly in one process, over the IPC channel from a reception worker."""
+
     def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
-                 announce: Callable[[], None], stats: Counter[str]) -> None:
+                 report: Report) -> None:
         self.settings = settings
         self.spool = spool
         self.rules = rules
-        self.announce = announce
-        self.stats = stats
+        self.report = report
 
     def meta_for(self, body: bytes, domain: str) -> Meta:
         s = self.settings.smtp
@@ -106,13 +133,5 @@ class Intake:
                 item.held = self.rules.suspended(name, queue) is not None
             items.append(item)
         await self.spool.receive(body, items)
-        for item in items:
-            if item.terminal and item.rule_id:
-                rule = self.rules.get(item.rule_id)
-                if rule is not None:
-                    rule.bounced[str(item.queue)] += 1
-        self.stats[RECEPTION] += len(items)
-        self.stats[ADMIN_BOUNCE] += bounced
-        if bounced < len(items):
-            self.announce()
+        await self.report(summarize(items))
         return Accepted(ids=[i.id for i in items], bounced=bounced)

@@ -294,7 +294,8 @@ def _rfc2822_now() -> str:
 
 
 async def start_smtp(settings: Settings, handler: ReceptionHandler, host: str, port: int,
-                     sessions: weakref.WeakSet) -> asyncio.base_events.Server:
+                     sessions: weakref.WeakSet, reuse_port: bool = False
+                     ) -> asyncio.base_events.Server:
     """Listen on ``host:port``; every session protocol is added to ``sessions``."""
     loop = asyncio.get_running_loop()
     s = settings.smtp
@@ -306,4 +307,4 @@ async def start_smtp(settings: Settings, handler: ReceptionHandler, host: str, p
         return proto
 
     return await loop.create_server(factory, host=host, port=port, reuse_address=True,
-                                    backlog=1024)
+                                    reuse_port=reuse_port, backlog=1024)

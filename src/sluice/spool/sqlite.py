@@ -219,16 +219,22 @@ class SqliteSpool:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, main: bool = True) -> None:
+        """Open the spool. The main process (``main``) prepares it, counts the
+        queues, writes the logs and collects garbage; a reception worker only
+        writes what it receives."""
         self._loop = asyncio.get_running_loop()
         self.dir.mkdir(parents=True, exist_ok=True)
-        await self._loop.run_in_executor(self._reader, self._prepare)
-        self._logs = LogWriter(self.path, self.log_dir, self._delete_outbox)
+        if main:
+            await self._loop.run_in_executor(self._reader, self._prepare)
         self._writer = _Writer(self.path, self._committed)
         self._writer.start()
-        self._logs.start()
-        self._logs.wake()
-        self._collector = asyncio.create_task(self._collect_loop(), name="spool-body-collector")
+        if main:
+            self._logs = LogWriter(self.path, self.log_dir, self._delete_outbox)
+            self._logs.start()
+            self._logs.wake()
+            self._collector = asyncio.create_task(self._collect_loop(),
+                                                  name="spool-body-collector")
 
     def _prepare(self) -> None:
         conn = _connect(self.path)
@@ -258,6 +264,11 @@ class SqliteSpool:
             await asyncio.to_thread(self._logs.stop)
             # rows drained during stop are deleted on the next start at worst
         self._reader.shutdown(wait=True)
+
+    def wake_logs(self) -> None:
+        """Records may be waiting (another process committed them)."""
+        if self._logs is not None:
+            self._logs.wake()
 
     def _committed(self, outbox_dirty: bool) -> None:
         if outbox_dirty and self._logs is not None:
@@ -342,10 +353,6 @@ class SqliteSpool:
                 self._count_rule(conn, rule_id, per_queue)
 
         await self._submit(op)
-        for i in queued:
-            self.counts[str(i.queue)] += 1
-            if i.held:
-                self.held.add(str(i.queue))
 
     # -- the scheduled -> ready -> done path -------------------------------
 

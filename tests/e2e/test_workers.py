@@ -1,0 +1,102 @@
+"""Reception in worker processes ([server] workers): guarantees hold across processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import time
+
+from ..support import free_port, wait_for
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def held(make_serve, workers: int = 2):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{free_port()}"},
+                     queue='retry_interval = "1h"')
+    srv.config.write_text(srv.config.read_text().replace(
+        'node_name = "test"', f'node_name = "test"\nworkers = {workers}'))
+    return srv.start()
+
+
+def send_each(srv, rcpts: list[str], **kw) -> None:
+    for r in rcpts:  # one connection each: the kernel spreads them over the workers
+        srv.send([r], **kw)
+
+
+def test_workers_run_and_stop_with_the_server(make_serve):
+    srv = held(make_serve, workers=2)
+    kids = children(srv.proc.pid)
+    assert len(kids) == 2
+    send_each(srv, [f"u{i}@example.com" for i in range(20)])
+    # queue-summary and metrics count what every worker received
+    assert sum(srv.scheduled().values()) == 20
+    assert "sluice_messages_received_total 20.0" in srv.api("GET", "/metrics").text
+    assert srv.stop() == 0
+    for pid in kids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
+def test_bounce_rule_in_force_in_every_worker_when_the_api_answers(make_serve):
+    srv = held(make_serve, workers=2)
+    r = srv.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "now"})
+    assert r.status_code == 200
+    send_each(srv, [f"b{i}@example.com" for i in range(20)])
+    wait_for(lambda: len(srv.records("AdminBounce")) == 20)
+    recs = srv.records("AdminBounce")
+    # bounced at reception (by a worker), never queued
+    assert {x["reception_protocol"] for x in recs} == {"ESMTP"}
+    assert srv.scheduled() == {}
+
+
+def test_suspend_in_force_in_every_worker(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"})
+    srv.config.write_text(srv.config.read_text().replace(
+        'node_name = "test"', 'node_name = "test"\nworkers = 2'))
+    srv.start()
+    sid = srv.kcli("suspend", "--domain", "example.com", "--reason", "hold", check=True).stdout.strip()
+    send_each(srv, [f"s{i}@example.com" for i in range(10)])
+    time.sleep(1.5)
+    assert sink.recipients() == []
+    assert srv.scheduled() == {"example.com": 10}
+    srv.kcli("suspend-cancel", "--id", sid, check=True)
+    wait_for(lambda: len(sink.recipients()) == 10)
+
+
+def test_a_crashed_worker_is_replaced_and_loses_nothing(make_serve):
+    srv = held(make_serve, workers=2)
+    send_each(srv, [f"a{i}@example.com" for i in range(10)])
+    victim = children(srv.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children(srv.proc.pid)) == 2 and victim not in children(srv.proc.pid),
+             timeout=20)
+    # service goes on; nothing acknowledged was lost
+    deadline = time.time() + 10
+    sent = 0
+    while sent < 10 and time.time() < deadline:
+        try:
+            srv.send([f"b{sent}@example.com"])
+            sent += 1
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.1)  # a connection that reached the dying worker
+    assert sent == 10
+    assert sum(srv.scheduled().values()) == 20
+    # a rule created now reaches the new worker too
+    srv.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "after"})
+    send_each(srv, [f"c{i}@example.com" for i in range(10)])
+    wait_for(lambda: len(srv.records("AdminBounce")) == 30)
+
+
+def test_single_process_mode(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"})
+    srv.config.write_text(srv.config.read_text().replace(
+        'node_name = "test"', 'node_name = "test"\nworkers = 0'))
+    srv.start()
+    assert children(srv.proc.pid) == []
+    srv.send(["one@example.com"])
+    wait_for(lambda: sink.recipients() == ["one@example.com"])
