@@ -7,7 +7,6 @@ file, the key and the problem, so ``sluice serve`` can stop with it.
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,16 +72,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _cores() -> int:
-    return os.cpu_count() or 1
-
-
 class ServerSettings(_Section):
     data_dir: str = "var"
     node_name: str = "sluice"
     # SMTP reception processes sharing the listening port; 0 = reception in
-    # the main process.
-    workers: int = Field(default_factory=_cores, ge=0, le=64)
+    # the main process. Default 0: on 2 cores, separate reception processes
+    # are still slower than one (see bench/RESULTS.md, "Reception workers").
+    workers: int = Field(default=0, ge=0, le=64)
 
 
 class SmtpSettings(_Section):

@@ -181,6 +181,7 @@ class LogWriter(threading.Thread):
         self._stopping = False
         self._last_seq = 0
         self._idle = threading.Event()
+        self._last_delete = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -257,5 +258,10 @@ class LogWriter(threading.Thread):
             fh.flush()
             os.fsync(fh.fileno())
         self._last_seq = last
-        self._delete_upto(last)
+        # Drained rows are deleted at most once a second: fewer write
+        # transactions to compete with reception (in other processes too).
+        now = time.monotonic()
+        if full or self._stopping or now - self._last_delete >= 1.0:
+            self._delete_upto(last)
+            self._last_delete = now
         return full

@@ -93,14 +93,6 @@ class Server:
         await s.spool.open()
         await s.control.start()
         s.manager.start()
-        if self.workers is not None:
-            await self.workers.start()
-        else:
-            handler = ReceptionHandler(self.settings, s.intake)
-            for listen in self.settings.smtp.listen:
-                host, port = split_host_port(listen)
-                self._smtp_servers.append(
-                    await start_smtp(self.settings, handler, host, port, self._sessions))
         sockets = [_bind(listen) for listen in self.settings.http.listen]
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
                                 access_log=False, limit_concurrency=1000)
@@ -111,6 +103,15 @@ class Server:
                 await self._http_task
                 raise RuntimeError("HTTP listener failed to start")
             await asyncio.sleep(0.01)
+        # SMTP last: once mail can come in, everything it needs is running.
+        if self.workers is not None:
+            await self.workers.start()
+        else:
+            handler = ReceptionHandler(self.settings, s.intake)
+            for listen in self.settings.smtp.listen:
+                host, port = split_host_port(listen)
+                self._smtp_servers.append(
+                    await start_smtp(self.settings, handler, host, port, self._sessions))
         log.info("sluice started: smtp %s, http %s", self.settings.smtp.listen,
                  self.settings.http.listen)
 

@@ -196,6 +196,8 @@ def _error(tmp_path: Path, text: str) -> tuple[Path, str]:
     ("[routing_domains]\n'hotmail.com' = 'not a domain'\n", "routing_domains.hotmail.com",
      "not a domain"),
     ("[queue.\"bad domain\"]\nmax_age = '1d'\n", "queue.bad domain", "bad domain"),
+    ("[server]\nworkers = -1\n", "server.workers", "greater than or equal to 0"),
+    ("[server]\nworkers = 'two'\n", "server.workers", "integer"),
 ])
 def test_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
     p, msg = _error(tmp_path, text)

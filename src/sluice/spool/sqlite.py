@@ -258,11 +258,11 @@ class SqliteSpool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
         self._closing = True
+        if self._logs is not None:
+            # Last drain first: its outbox delete still goes through the writer.
+            await asyncio.to_thread(self._logs.stop)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
-        if self._logs is not None:
-            await asyncio.to_thread(self._logs.stop)
-            # rows drained during stop are deleted on the next start at worst
         self._reader.shutdown(wait=True)
 
     def wake_logs(self) -> None:
