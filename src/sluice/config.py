@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from .durations import DurationError, parse_duration
+from .durations import parse_positive_duration
 from .message import AddressError, normalize_domain
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,15 +25,10 @@ class ConfigError(Exception):
 
 def _duration(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        try:
-            seconds = parse_duration(value)
-        except DurationError as exc:
-            raise ValueError(str(exc)) from None
-    if seconds <= 0:
-        raise ValueError("must be longer than 0s")
-    return seconds
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return float(value)
+    return parse_positive_duration(value)
 
 
 Seconds = Annotated[float, BeforeValidator(_duration)]

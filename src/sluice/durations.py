@@ -50,6 +50,14 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def parse_positive_duration(text: str) -> float:
+    """``parse_duration`` for lifetimes and intervals: zero is refused too."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise DurationError("must be longer than 0s")
+    return seconds
+
+
 def format_duration(seconds: float) -> str:
     """Print ``seconds`` as ``1d 2h 3m 4s`` (whole seconds, zero parts left out)."""
     remaining = max(0, int(round(seconds)))

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..durations import DurationError, parse_duration
+from ..durations import parse_duration, parse_positive_duration
 from ..message import AddressError, normalize_domain
 
 DEFAULT_DURATION = "5m"
@@ -89,14 +89,8 @@ class RuleRequest(_Strict):
     @field_validator("duration")
     @classmethod
     def _duration(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        try:
-            seconds = parse_duration(v)
-        except DurationError as exc:
-            raise ValueError(str(exc)) from None
-        if seconds <= 0:
-            raise ValueError("must be longer than 0s")
+        if v is not None:
+            parse_positive_duration(v)
         return v
 
     @field_validator("expires")

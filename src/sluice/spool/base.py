@@ -73,7 +73,9 @@ class Spool(Protocol):
     parts: Mapping[str, QueueName]
     held: set[str]
 
-    async def open(self) -> None: ...
+    async def open(self, main: bool = True) -> None:
+        """``main``: the process that also drains the logs and collects garbage."""
+
     async def close(self) -> None: ...
 
     async def receive(self, body: bytes, items: list[Inbound]) -> None:
@@ -100,6 +102,15 @@ class Spool(Protocol):
     async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
                     rule_id: str) -> dict[str, int]:
         """Remove up to ``limit`` scheduled or held messages of ``queues``; per-queue counts."""
+
+    async def collect_bodies(self, limit: int = 1000) -> int:
+        """Release the bodies of removed messages; returns how many were looked at."""
+
+    async def add_records(self, records: list[bytes]) -> None:
+        """Commit log records that go with no state change."""
+
+    def wake_logs(self) -> None:
+        """Another process may have committed records."""
 
     async def load_body(self, body_id: int) -> bytes: ...
     async def get_message(self, msg_id: str) -> Stored | None: ...
