@@ -180,7 +180,6 @@ class LogWriter(threading.Thread):
         self._wake = threading.Event()
         self._stopping = False
         self._last_seq = 0
-        self._idle = threading.Event()
         self._last_delete = 0.0
 
     def wake(self) -> None:
@@ -191,12 +190,6 @@ class LogWriter(threading.Thread):
         self._stopping = True
         self._wake.set()
         self.join()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until everything committed so far has been written."""
-        self._idle.clear()
-        self._wake.set()
-        return self._idle.wait(timeout)
 
     def _path(self) -> Path:
         return self._log_dir / (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d") + ".jsonl")
@@ -231,8 +224,8 @@ class LogWriter(threading.Thread):
                 self._wake.clear()
                 while self._drain_once(conn):
                     pass
-                self._idle.set()
                 if self._stopping:
+                    self._delete_upto(self._last_seq)  # what was written, before the writer stops
                     return
         finally:
             conn.close()

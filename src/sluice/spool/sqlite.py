@@ -207,7 +207,6 @@ class SqliteSpool:
         self.counts: dict[str, int] = defaultdict(int)
         self.parts: dict[str, QueueName] = {}
         self.held: set[str] = set()
-        self.claimed = 0
         self._writer: _Writer | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-spool-reader")
         self._reader_local = threading.local()
@@ -277,12 +276,6 @@ class SqliteSpool:
     def _delete_outbox(self, upto: int) -> None:
         if self._writer is not None and self._writer.is_alive():
             self._writer.submit(lambda c: c.execute("DELETE FROM outbox WHERE seq <= ?", (upto,)), None)
-
-    async def wait_logs_written(self, timeout: float = 10.0) -> bool:
-        """Wait until every record committed so far is in the log files."""
-        assert self._logs is not None
-        await self._submit(lambda c: None)
-        return await asyncio.to_thread(self._logs.wait_idle, timeout)
 
     # -- plumbing ----------------------------------------------------------
 
@@ -368,12 +361,7 @@ class SqliteSpool:
             return [_row(r) for r in rows]
 
         rows = await self._submit(op)
-        self.claimed += len(rows)
         return rows
-
-    async def next_due(self) -> float | None:
-        return await self._read(lambda c: c.execute(
-            "SELECT min(due) FROM messages WHERE state = 0").fetchone()[0])
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -386,7 +374,6 @@ class SqliteSpool:
 
         done = await self._submit(op)
         if done:
-            self.claimed -= 1
             self._dec(msg.queue)
         return done
 
@@ -399,10 +386,7 @@ class SqliteSpool:
                 self._add_records(conn, records)
             return bool(n)
 
-        done = await self._submit(op)
-        if done:
-            self.claimed -= 1
-        return done
+        return await self._submit(op)
 
     async def release(self, ids: Collection[str], held: bool = False) -> None:
         ids = list(ids)
@@ -414,8 +398,7 @@ class SqliteSpool:
             return conn.executemany("UPDATE messages SET state = ? WHERE id = ? AND state = 1",
                                     [(state, i) for i in ids]).rowcount
 
-        n = await self._submit(op)
-        self.claimed -= n
+        await self._submit(op)
 
     async def hold(self, queues: Collection[str]) -> None:
         """Take the scheduled messages of ``queues`` out of promotion."""
