@@ -1,8 +1,9 @@
 """Messages between the main process and the reception workers.
 
-One socket pair per worker; frames are a 4-byte length and an orjson body.
-Either side may ``call`` (send and wait for the answer) and answers the
-other side's calls with its ``handler``. Calls are answered in order.
+One socket pair per worker. A frame is two 4-byte lengths, an orjson header
+and a raw payload (a message body travels as bytes, not as JSON). Either
+side may ``call`` (send and wait for the answer); the other side's calls are
+answered by ``handler``, each in its own task, so many can be under way.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import orjson
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
 
-_LEN = struct.Struct("!I")
+_LENS = struct.Struct("!II")
 
 
 class ChannelClosed(ConnectionError):
@@ -34,6 +35,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._task: asyncio.Task | None = None
+        self._answering: set[asyncio.Task] = set()
 
     @classmethod
     async def over(cls, sock: Any, handler: Handler) -> Channel:
@@ -42,34 +44,42 @@ class Channel:
         channel._task = asyncio.create_task(channel._run(), name="ipc-channel")
         return channel
 
-    async def call(self, msg: dict[str, Any], timeout: float = 30.0) -> Any:
+    async def call(self, msg: dict[str, Any], payload: bytes = b"", timeout: float = 60.0) -> Any:
         if self._writer.is_closing():
             raise ChannelClosed("channel closed")
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = fut
         try:
-            self._send({"call": call_id, "msg": msg})
+            self._send({"call": call_id, "msg": msg}, payload)
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._waiting.pop(call_id, None)
 
-    def _send(self, frame: dict[str, Any]) -> None:
+    def _send(self, frame: dict[str, Any], payload: bytes = b"") -> None:
         data = orjson.dumps(frame)
-        self._writer.write(_LEN.pack(len(data)) + data)
+        self._writer.write(_LENS.pack(len(data), len(payload)) + data + payload)
+
+    async def _answer(self, call_id: int, msg: dict[str, Any], payload: bytes) -> None:
+        result = await self._handler(msg, payload)
+        if not self._writer.is_closing():
+            self._send({"answer": call_id, "result": result})
 
     async def _run(self) -> None:
         try:
             while True:
-                head = await self._reader.readexactly(_LEN.size)
-                frame = orjson.loads(await self._reader.readexactly(_LEN.unpack(head)[0]))
+                head = await self._reader.readexactly(_LENS.size)
+                size, payload_size = _LENS.unpack(head)
+                frame = orjson.loads(await self._reader.readexactly(size))
+                payload = await self._reader.readexactly(payload_size) if payload_size else b""
                 if "answer" in frame:
                     fut = self._waiting.get(frame["answer"])
                     if fut is not None and not fut.done():
                         fut.set_result(frame.get("result"))
                 else:
-                    result = await self._handler(frame["msg"])
-                    self._send({"answer": frame["call"], "result": result})
+                    task = asyncio.create_task(self._answer(frame["call"], frame["msg"], payload))
+                    self._answering.add(task)
+                    task.add_done_callback(self._answering.discard)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:

@@ -80,9 +80,7 @@ class Server:
         self.services = Services(settings, spool, rules, control, manager, intake, stats)
         self.workers: WorkerPool | None = None
         if settings.server.workers > 0:
-            self.workers = WorkerPool(settings, settings.server.workers, manager.apply_received,
-                                      rules.rows)
-            control.sync = self.workers.push_rules
+            self.workers = WorkerPool(settings, settings.server.workers, intake)
         self._smtp_servers: list[asyncio.base_events.Server] = []
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None

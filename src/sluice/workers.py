@@ -7,11 +7,12 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import Settings
-from .ipc import Channel, ChannelClosed
+from .ipc import Channel
+from .message import AddressError
+from .reception.intake import Intake
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,10 @@ class _Worker:
 class WorkerPool:
     """N reception worker processes (see ``reception/worker.py``)."""
 
-    def __init__(self, settings: Settings, count: int,
-                 on_received: Callable[[dict[str, Any]], Awaitable[None]],
-                 rule_rows: Callable[[], list[dict[str, Any]]]) -> None:
+    def __init__(self, settings: Settings, count: int, intake: Intake) -> None:
         self.settings = settings
         self.count = count
-        self._on_received = on_received
-        self._rule_rows = rule_rows
+        self.intake = intake
         self._workers: list[_Worker] = []
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
@@ -68,9 +66,11 @@ class WorkerPool:
         w.proc.stdin.write(self.settings.model_dump_json().encode())
         w.proc.stdin.close()
 
-        async def handle(msg: dict[str, Any]) -> Any:
-            if msg["type"] == "received":
-                await self._on_received(msg["summary"])
+        async def handle(msg: dict[str, Any], payload: bytes) -> Any:
+            if msg["type"] == "accept":
+                return await self._accept(msg, payload)
+            if msg["type"] == "records":
+                await self.intake.add_records(payload.split(b"\n"))
                 return True
             if msg["type"] == "ready":
                 w.ready.set()
@@ -78,8 +78,6 @@ class WorkerPool:
             return None
 
         w.channel = await Channel.over(ours, handle)
-        # First message: the rule set, before the worker opens its listeners.
-        await w.channel.call({"type": "rules", "rules": self._rule_rows()})
         self._watchers.append(asyncio.create_task(self._watch(w), name=f"worker-{w.index}"))
 
     async def _watch(self, w: _Worker) -> None:
@@ -94,16 +92,19 @@ class WorkerPool:
         if not self._stopping:
             await self._spawn(w)
 
-    async def push_rules(self) -> None:
-        """Send the current rule set to every worker; returns once all apply it."""
-        rows = self._rule_rows()
-        calls = [w.channel.call({"type": "rules", "rules": rows}, timeout=10.0)
-                 for w in self._workers if w.channel is not None]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for r in results:
-            # A worker that died will load the rules from the spool when restarted.
-            if isinstance(r, Exception) and not isinstance(r, (ChannelClosed, asyncio.TimeoutError)):
-                raise r
+    async def _accept(self, msg: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """A worker's message: stored (and answered) like one received here."""
+        peer = msg["peer"]
+        try:
+            accepted = await self.intake.accept(
+                body, msg["sender"], msg["recipients"], protocol=msg["protocol"],
+                peer=tuple(peer) if peer else None, session_id=msg["session_id"])
+        except AddressError as exc:
+            return {"address_error": str(exc)}
+        except Exception as exc:  # the worker answers 451 and the client retries
+            log.exception("storing a message from a reception worker failed")
+            return {"error": str(exc)}
+        return {"ids": accepted.ids, "bounced": accepted.bounced}
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True

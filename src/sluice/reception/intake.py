@@ -97,6 +97,10 @@ class Intake:
                     campaign=normalize_label(values.get(s.campaign_header)),
                     routing_domain=self.settings.routing_domains.get(domain))
 
+    async def add_records(self, records: list[bytes]) -> None:
+        """Log records that change nothing (a refused recipient)."""
+        await self.spool.add_records(records)
+
     async def accept(self, body: bytes, sender: str, recipients: list[str], *, protocol: str,
                      peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
         """Store one message per recipient; returns once durable."""

@@ -18,7 +18,7 @@ import re
 import uuid
 import weakref
 from email.utils import formatdate
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail
 
@@ -26,6 +26,9 @@ from ..config import IPNetwork, Settings
 from ..logs import REJECTION, Response, make_record
 from ..message import AddressError, split_address
 from .intake import Intake
+
+if TYPE_CHECKING:
+    from .worker import RemoteIntake
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +199,7 @@ class SluiceSMTP(SMTP):
 class ReceptionHandler:
     """aiosmtpd handler hooks: the policy of what Sluice accepts."""
 
-    def __init__(self, settings: Settings, intake: Intake) -> None:
+    def __init__(self, settings: Settings, intake: Intake | RemoteIntake) -> None:
         self.settings = settings
         self.intake = intake
         self.relay: list[IPNetwork] = settings.smtp.relay_networks()
@@ -264,7 +267,7 @@ class ReceptionHandler:
                           reception_protocol="ESMTP",
                           session_id=getattr(session, "sluice_id", None))
         try:
-            await self.intake.spool.add_records([rec])
+            await self.intake.add_records([rec])
         except Exception:  # a log-only record must never break the session
             log.exception("could not log rejection")
 

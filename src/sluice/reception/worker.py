@@ -1,14 +1,14 @@
-"""A reception worker: a process that only accepts SMTP and writes the spool.
+"""A reception worker: a process that speaks SMTP and nothing else.
 
 ``sluice serve`` with ``[server] workers = N`` runs N of these beside the
-main process (queues, delivery, API, logs). Each listens on the SMTP ports
-with SO_REUSEPORT, so the kernel spreads connections over them. They share
-nothing with the main process but the spool and one IPC channel:
-- main -> worker: the full rule set, whenever it changes (answered once in
-  force, so an API call returns only when every worker enforces the rule),
-  and ``stop``;
-- worker -> main: the summary of each committed reception (answered once
-  counted), before the client gets its 250.
+main process. Each listens on the SMTP ports with SO_REUSEPORT, so the
+kernel spreads connections over them, and does the protocol work (commands,
+addresses, relay control, DATA). Each accepted message goes to the main
+process over a socket pair; the main process stores it with every other
+reception in one group commit, applies the rules, and answers once it is
+durable; only then does the worker send 250. So the spool keeps a single
+writer and the rules are enforced in one place, while the SMTP work runs on
+other cores.
 """
 
 from __future__ import annotations
@@ -24,40 +24,44 @@ from typing import Any
 
 from ..config import Settings, split_host_port
 from ..ipc import Channel
-from ..rules.store import RuleBook
-from ..spool import SqliteSpool
-from .intake import Intake
+from ..message import AddressError
+from .intake import Accepted
 from .smtp import ReceptionHandler, start_smtp
 
 
+class RemoteIntake:
+    """``Intake``'s interface, carried out by the main process."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    async def accept(self, body: bytes, sender: str, recipients: list[str], *, protocol: str,
+                     peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
+        answer = await self.channel.call(
+            {"type": "accept", "sender": sender, "recipients": recipients, "protocol": protocol,
+             "peer": peer, "session_id": session_id}, body)
+        if "address_error" in answer:
+            raise AddressError(answer["address_error"])
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return Accepted(ids=answer["ids"], bounced=answer["bounced"])
+
+    async def add_records(self, records: list[bytes]) -> None:
+        await self.channel.call({"type": "records"}, b"\n".join(records))
+
+
 async def _serve(settings: Settings, sock: socket.socket) -> None:
-    spool = SqliteSpool(settings.data_path)
-    await spool.open(main=False)
-    rules = RuleBook()
-    rules_ready = asyncio.Event()
     stop = asyncio.Event()
 
-    async def handle(msg: dict[str, Any]) -> Any:
-        if msg["type"] == "rules":
-            rules.replace(msg["rules"])
-            rules_ready.set()
-            return True
+    async def handle(msg: dict[str, Any], payload: bytes) -> Any:
         if msg["type"] == "stop":
             stop.set()
             return True
         return None
 
     channel = await Channel.over(sock, handle)
-
-    async def report(summary: dict[str, Any]) -> None:
-        await channel.call({"type": "received", "summary": summary})
-
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # The first message is the rule set: no mail is taken before it is in force.
-    await rules_ready.wait()
-    intake = Intake(settings, spool, rules, report)
-    handler = ReceptionHandler(settings, intake)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    handler = ReceptionHandler(settings, RemoteIntake(channel))
     sessions: weakref.WeakSet = weakref.WeakSet()
     servers = []
     for listen in settings.smtp.listen:
@@ -74,7 +78,6 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
         if proto.transport is not None:
             proto.transport.close()
     await channel.close()
-    await spool.close()
 
 
 def main() -> None:

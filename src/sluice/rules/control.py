@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from ..logs import ADMIN_BOUNCE
 from ..spool import SqliteSpool, Stored
@@ -34,8 +34,6 @@ class RuleControl:
                  rules_changed: Callable[[], None], stats: Counter[str]) -> None:
         self.spool = spool
         self.stats = stats
-        # Puts the rule set in force in the other processes (reception workers).
-        self.sync: Callable[[], Awaitable[None]] | None = None
         self.book = book
         self._pack_bounces = pack_bounces
         self._purge_ready = purge_ready
@@ -72,16 +70,13 @@ class RuleControl:
             if task is not None:
                 task.cancel()
         self.book.add(rule)
-        await self._changed()
+        self._rules_changed()
         if kind == BOUNCE:
             await self._purge_ready(rule)
             self._start_sweep(rule)
         return rule
 
-    async def _changed(self) -> None:
-        self._rules_changed()
-        if self.sync is not None:
-            await self.sync()
+
 
     async def cancel(self, kind: str, rule_id: str) -> bool:
         rule = self.book.get(rule_id, kind)
@@ -92,7 +87,7 @@ class RuleControl:
         task = self._sweeps.pop(rule_id, None)
         if task is not None:
             task.cancel()
-        await self._changed()
+        self._rules_changed()
         return True
 
     def matching_queues(self, criteria: Criteria) -> dict[str, int]:
@@ -140,7 +135,7 @@ class RuleControl:
                 await self.spool.delete_rules([r.id for r in expired])
                 for r in expired:
                     self.book.remove(r.id)
-                await self._changed()
+                self._rules_changed()
 
     def remaining(self, rule: Rule) -> float:
         return max(0.0, rule.expires - time.time())

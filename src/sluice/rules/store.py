@@ -79,14 +79,6 @@ class RuleBook:
         self._changed()
         return expired
 
-    def replace(self, rows: list[dict[str, Any]]) -> None:
-        """Make ``rows`` (``Rule.to_row`` dicts) the whole rule set."""
-        self._rules = {row["id"]: Rule.from_row(row) for row in rows}
-        self._changed()
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [r.to_row() for r in self._rules.values()]
-
     def add(self, rule: Rule) -> None:
         self._rules[rule.id] = rule
         self._changed()
