@@ -42,14 +42,14 @@ def test_workers_run_and_stop_with_the_server(make_serve):
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
 
 
-def test_bounce_rule_in_force_in_every_worker_when_the_api_answers(make_serve):
+def test_bounce_rule_in_force_for_mail_from_every_worker_when_the_api_answers(make_serve):
     srv = held(make_serve, workers=2)
     r = srv.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "now"})
     assert r.status_code == 200
     send_each(srv, [f"b{i}@example.com" for i in range(20)])
     wait_for(lambda: len(srv.records("AdminBounce")) == 20)
     recs = srv.records("AdminBounce")
-    # bounced at reception (by a worker), never queued
+    # bounced at reception, never queued
     assert {x["reception_protocol"] for x in recs} == {"ESMTP"}
     assert srv.scheduled() == {}
 
@@ -86,7 +86,7 @@ def test_a_crashed_worker_is_replaced_and_loses_nothing(make_serve):
             time.sleep(0.1)  # a connection that reached the dying worker
     assert sent == 10
     assert sum(srv.scheduled().values()) == 20
-    # a rule created now reaches the new worker too
+    # mail through the new worker is under the rules too
     srv.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "after"})
     send_each(srv, [f"c{i}@example.com" for i in range(10)])
     wait_for(lambda: len(srv.records("AdminBounce")) == 30)
