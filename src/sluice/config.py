@@ -72,7 +72,7 @@ class ServerSettings(_Section):
     node_name: str = "sluice"
     # SMTP reception processes sharing the listening port; 0 = reception in
     # the main process. Default 0: on 2 cores, separate reception processes
-    # are still slower than one (see bench/RESULTS.md, "Reception workers").
+    # are slower than one (bench/RESULTS.md, "Reception workers").
     workers: int = Field(default=0, ge=0, le=64)
 
 
