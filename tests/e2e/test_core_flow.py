@@ -211,3 +211,15 @@ def test_pipelined_commands_and_dot_stuffing(make_serve, sink):
     assert [r[:3] for r in replies] == [b"250", b"250", b"354", b"250", b"221"]
     wait_for(lambda: srv.records("Delivery"))
     assert sink.received()[0]["size"] > 0
+
+
+def test_reception_protocol_follows_helo_or_ehlo(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+    with smtplib.SMTP("127.0.0.1", srv.smtp_port, timeout=10) as s:
+        s.helo("old.test")
+        s.sendmail("a@example.org", ["helo@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    srv.send(["ehlo@example.com"])
+    wait_for(lambda: len(srv.by_recipient("Reception")) == 2)
+    rec = srv.by_recipient("Reception")
+    assert rec["helo@example.com"]["reception_protocol"] == "SMTP"
+    assert rec["ehlo@example.com"]["reception_protocol"] == "ESMTP"

@@ -264,7 +264,7 @@ class ReceptionHandler:
                           queue="", meta={}, size=0, created=0, num_attempts=0,
                           nodeid=self.settings.server.node_name, response=response,
                           peer=(session.host_name or "", str(peer[0])),
-                          reception_protocol="ESMTP",
+                          reception_protocol=_protocol(session),
                           session_id=getattr(session, "sluice_id", None))
         try:
             await self.intake.add_records([rec])
@@ -274,14 +274,15 @@ class ReceptionHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         body: bytes = envelope.original_content or b""
         peer = session.peer if isinstance(session.peer, tuple) else ("", "")
+        protocol = _protocol(session)
         received = (f"Received: from {session.host_name or 'unknown'} ([{peer[0]}])\r\n"
-                    f"\tby {self.settings.smtp.hostname} (Sluice) with ESMTP;\r\n"
+                    f"\tby {self.settings.smtp.hostname} (Sluice) with {protocol};\r\n"
                     f"\t{_rfc2822_now()}\r\n").encode("utf-8", "replace")
         try:
             accepted = await self.intake.accept(
                 received + body, "" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 list(envelope.rcpt_tos),
-                protocol="ESMTP", peer=(session.host_name or "", str(peer[0])),
+                protocol=protocol, peer=(session.host_name or "", str(peer[0])),
                 session_id=getattr(session, "sluice_id", None))
         except AddressError as exc:
             return f"554 5.1.3 {exc}"
@@ -290,6 +291,11 @@ class ReceptionHandler:
             return "451 4.3.0 Temporary failure storing the message, try again later"
         return f"250 2.0.0 OK queued as {accepted.ids[0]}" + (
             f" (+{len(accepted.ids) - 1})" if len(accepted.ids) > 1 else "")
+
+
+def _protocol(session: Session) -> str:
+    """RFC 3848: ESMTP after EHLO, SMTP after HELO."""
+    return "ESMTP" if session.extended_smtp else "SMTP"
 
 
 def _rfc2822_now() -> str:

@@ -125,7 +125,7 @@ class _Writer(threading.Thread):
         # Checkpoint less often: pages written and rewritten between two
         # checkpoints (outbox rows, hot index pages) are copied back once.
         conn.execute("PRAGMA wal_autocheckpoint=8000")
-        conn.execute("PRAGMA cache_size=-65536")
+        conn.execute("PRAGMA cache_size=-16384")
         try:
             stopping = False
             while not stopping:
