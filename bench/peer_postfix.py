@@ -35,6 +35,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bounce import LogCounter as AdminBounceCounter  # noqa: E402
+from inject import fs_type  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SLUICE = Path(sys.executable).parent / "sluice"
 KCLI = Path(sys.executable).parent / "kcli"
@@ -86,18 +90,6 @@ def wait_closed(port: int, timeout: float = 30.0) -> None:
         except OSError:
             return
         time.sleep(0.1)
-
-
-def fs_type(path: Path) -> str:
-    best, kind = "", "?"
-    real = str(path.resolve())
-    with open("/proc/mounts") as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
-                if len(parts[1]) > len(best):
-                    best, kind = parts[1], f"{parts[2]} ({parts[0]} on {parts[1]})"
-    return kind
 
 
 # --------------------------------------------------------------------------
@@ -539,27 +531,6 @@ retry_interval = "1h"
             except OSError:
                 pass
         return out
-
-
-class AdminBounceCounter:
-    NEEDLE = b'"type":"AdminBounce"'
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.offsets: dict[Path, int] = {}
-        self.count = 0
-
-    def poll(self) -> int:
-        if self.logs.exists():
-            for path in sorted(self.logs.glob("*.jsonl")):
-                off = self.offsets.get(path, 0)
-                with open(path, "rb") as fh:
-                    fh.seek(off)
-                    data = fh.read()
-                end = data.rfind(b"\n") + 1
-                self.count += data[:end].count(self.NEEDLE)
-                self.offsets[path] = off + end
-        return self.count
 
 
 # --------------------------------------------------------------------------
