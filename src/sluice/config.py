@@ -58,6 +58,19 @@ def parse_networks(values: list[str]) -> list[IPNetwork]:
     return nets
 
 
+def host_in(host: str | None, networks: list[IPNetwork]) -> bool:
+    """Whether the address ``host`` (IPv4-mapped IPv6 counts as IPv4) is in ``networks``."""
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)

@@ -85,6 +85,11 @@ class QueueName:
     def __str__(self) -> str:
         return format_queue_name(self.domain, self.campaign, self.tenant, self.routing_domain)
 
+    def meta(self) -> dict[str, str]:
+        """The log record's ``meta``: the parts that are set, besides the domain."""
+        return {k: v for k, v in (("tenant", self.tenant), ("campaign", self.campaign),
+                                  ("routing_domain", self.routing_domain)) if v}
+
 
 def format_queue_name(
     domain: str,

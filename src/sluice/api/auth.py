@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from pathlib import Path
 
 from fastapi import HTTPException, Request
 
-from ..config import HttpSettings, IPNetwork
+from ..config import HttpSettings, IPNetwork, host_in
 
 
 def read_tokens(path: str | None) -> list[str]:
@@ -28,17 +27,6 @@ class Access:
         self.trusted: list[IPNetwork] = settings.trusted_networks()
         self.tokens = [t.encode() for t in read_tokens(settings.tokens_file)]
 
-    def _trusted(self, host: str | None) -> bool:
-        if not host:
-            return False
-        try:
-            ip = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted)
-
     def _token_ok(self, header: str | None) -> bool:
         if not header or not header.lower().startswith("bearer "):
             return False
@@ -51,7 +39,7 @@ class Access:
     def __call__(self, request: Request) -> None:
         """FastAPI dependency: raises 401 unless the caller may use the API."""
         host = request.client.host if request.client else None
-        if self._trusted(host) or self._token_ok(request.headers.get("authorization")):
+        if host_in(host, self.trusted) or self._token_ok(request.headers.get("authorization")):
             return
         raise HTTPException(status_code=401, detail="not authorized: a trusted host or a "
                             "valid 'Authorization: Bearer <token>' is required",

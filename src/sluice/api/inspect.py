@@ -19,10 +19,8 @@ async def inspect_message(id: str = Query(min_length=1, max_length=64, descripti
     msg = await svc.spool.get_message(id)
     if msg is None:
         raise HTTPException(status_code=404, detail=f"no queued message with id {id}")
-    parts = svc.manager.parts(msg.queue)
     out = {"id": msg.id, "sender": msg.sender, "recipient": msg.recipient, "queue": msg.queue,
-           "meta": {k: v for k, v in (("tenant", parts.tenant), ("campaign", parts.campaign),
-                                      ("routing_domain", parts.routing_domain)) if v},
+           "meta": svc.manager.meta(msg.queue),
            "created": rfc3339(msg.created), "attempts": msg.attempts, "due": rfc3339(msg.due)}
     if want_body:
         try:

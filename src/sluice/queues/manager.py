@@ -75,9 +75,7 @@ class QueueManager:
                            peer=peer, delivery_protocol="ESMTP" if kind in _DELIVERY_KINDS else None)
 
     def meta(self, queue: str) -> dict[str, str]:
-        parts = self.parts(queue)
-        return {k: v for k, v in (("tenant", parts.tenant), ("campaign", parts.campaign),
-                                  ("routing_domain", parts.routing_domain)) if v}
+        return self.parts(queue).meta()
 
     def admin_bounce_record(self, msg: Stored, rule: Rule) -> bytes | None:
         if rule.suppress_logging:
@@ -93,7 +91,7 @@ class QueueManager:
                                   {q: self.meta(q) for q in {m.queue for m in msgs}})
 
     async def apply_received(self, summary: dict) -> None:
-        """Count what a reception committed (this process's or a worker's)."""
+        """Count what a reception committed (in this process, for every worker)."""
         spool = self.spool
         queued = 0
         for name, domain, campaign, tenant, routing, n, held in summary["queues"]:
@@ -111,7 +109,6 @@ class QueueManager:
                 rule.bounced[queue] += n
         self.stats[RECEPTION] += summary["received"]
         self.stats[ADMIN_BOUNCE] += caught
-        spool.wake_logs()
         if queued:
             self.announce()
 

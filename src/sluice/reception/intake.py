@@ -80,8 +80,8 @@ Report = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Intake:
-    """``report`` hands each committed reception's summary to the queue side:
-    directly in one process, over the IPC channel from a reception worker."""
+    """``report`` hands each committed reception's summary to the queue side
+    (its counters, the rules' counts, the promotion wake-up)."""
 
     def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
                  report: Report) -> None:

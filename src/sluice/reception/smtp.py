@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 import re
 import uuid
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail
 
-from ..config import IPNetwork, Settings
+from ..config import IPNetwork, Settings, host_in
 from ..logs import REJECTION, Response, make_record
 from ..message import AddressError, split_address
 from .intake import Intake
@@ -208,15 +207,7 @@ class ReceptionHandler:
 
     def _may_relay(self, session: Session) -> bool:
         peer = session.peer
-        if not isinstance(peer, tuple):
-            return False
-        try:
-            ip = ipaddress.ip_address(peer[0].split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.relay)
+        return isinstance(peer, tuple) and host_in(peer[0], self.relay)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:

@@ -73,8 +73,7 @@ class Spool(Protocol):
     parts: Mapping[str, QueueName]
     held: set[str]
 
-    async def open(self, main: bool = True) -> None:
-        """``main``: the process that also drains the logs and collects garbage."""
+    async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -108,9 +107,6 @@ class Spool(Protocol):
 
     async def add_records(self, records: list[bytes]) -> None:
         """Commit log records that go with no state change."""
-
-    def wake_logs(self) -> None:
-        """Another process may have committed records."""
 
     async def load_body(self, body_id: int) -> bytes: ...
     async def get_message(self, msg_id: str) -> Stored | None: ...

@@ -211,29 +211,23 @@ class SqliteSpool:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-spool-reader")
         self._reader_local = threading.local()
         self._logs: LogWriter | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._collector: asyncio.Task | None = None
         self._last_sweep = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def open(self, main: bool = True) -> None:
-        """Open the spool. The main process (``main``) prepares it, counts the
-        queues, writes the logs and collects garbage; a reception worker only
-        writes what it receives."""
-        self._loop = asyncio.get_running_loop()
+    async def open(self) -> None:
+        """Prepare the spool, count the queues, start the writer, the log
+        writer and the body collector."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if main:
-            await self._loop.run_in_executor(self._reader, self._prepare)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._prepare)
         self._writer = _Writer(self.path, self._committed)
         self._writer.start()
-        if main:
-            self._logs = LogWriter(self.path, self.log_dir, self._delete_outbox)
-            self._logs.start()
-            self._logs.wake()
-            self._collector = asyncio.create_task(self._collect_loop(),
-                                                  name="spool-body-collector")
+        self._logs = LogWriter(self.path, self.log_dir, self._delete_outbox)
+        self._logs.start()
+        self._logs.wake()
+        self._collector = asyncio.create_task(self._collect_loop(), name="spool-body-collector")
 
     def _prepare(self) -> None:
         conn = _connect(self.path)
@@ -263,11 +257,6 @@ class SqliteSpool:
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
         self._reader.shutdown(wait=True)
-
-    def wake_logs(self) -> None:
-        """Records may be waiting (another process committed them)."""
-        if self._logs is not None:
-            self._logs.wake()
 
     def _committed(self, outbox_dirty: bool) -> None:
         if outbox_dirty and self._logs is not None:
