@@ -145,7 +145,9 @@ def fs_type(path: Path) -> str:
 class OwnServer:
     """A ``sluice serve`` subprocess with a throw-away config and data dir."""
 
-    def __init__(self, workdir: Path | None, keep: bool, suspend: bool) -> None:
+    def __init__(self, workdir: Path | None, keep: bool, suspend: bool,
+                 workers: int | None = None) -> None:
+        self.workers = workers
         self.tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-", dir=workdir))
         self.keep = keep
         self.suspend = suspend
@@ -171,7 +173,8 @@ class OwnServer:
             "[server]\n"
             f'data_dir = "{data}"\n'
             'node_name = "bench"\n'
-            "[smtp]\n"
+            + (f"workers = {self.workers}\n" if self.workers is not None else "")
+            + "[smtp]\n"
             f'listen = ["127.0.0.1:{self.smtp_port}"]\n'
             'hostname = "sluice-bench.example"\n'
             "[http]\n"
@@ -500,6 +503,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pid", type=int, help="with --smtp: the server's pid, to sample RSS and CPU")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the temporary data dir goes (default: the system temp dir)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="[server] workers for the own server (default: sluice's default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary dir (config, spool, logs)")
     p.add_argument("--no-suspend", dest="suspend", action="store_false",
                    help="do not suspend the test domain: each message is then claimed, "
@@ -525,7 +530,7 @@ async def amain(args: argparse.Namespace) -> int:
         host, port = _host_port(args.smtp)
         pid = args.pid
     else:
-        own = OwnServer(args.workdir, args.keep, args.suspend)
+        own = OwnServer(args.workdir, args.keep, args.suspend, args.workers)
         print(f"starting sluice serve: data in {own.tmp} on {fs_type(own.tmp)}", file=sys.stderr)
         await asyncio.to_thread(own.start)
         host, port = own.smtp

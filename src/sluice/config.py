@@ -7,6 +7,7 @@ file, the key and the problem, so ``sluice serve`` can stop with it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,10 +84,10 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     data_dir: str = "var"
     node_name: str = "sluice"
-    # SMTP reception processes sharing the listening port; 0 = reception in
-    # the main process. Default 0: on 2 cores, separate reception processes
-    # are slower than one (bench/RESULTS.md, "Reception workers").
-    workers: int = Field(default=0, ge=0, le=64)
+    # SMTP reception processes sharing the listening port, plus one delivery
+    # process; 0 = everything in the main process. Default: the number of
+    # cores (bench/RESULTS.md, "Reception workers").
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0, le=64)
 
 
 class SmtpSettings(_Section):

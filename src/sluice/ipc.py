@@ -1,6 +1,7 @@
-"""Messages between the main process and the reception workers.
+"""Messages between the main process and its child processes (reception
+workers, the delivery process), and how a child is started.
 
-One socket pair per worker. A frame is two 4-byte lengths, an orjson header
+One socket pair per child. A frame is two 4-byte lengths, an orjson header
 and a raw payload (a message body travels as bytes, not as JSON). Either
 side may ``call`` (send and wait for the answer); the other side's calls are
 answered by ``handler``, each in its own task, so many can be under way.
@@ -11,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
+import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 Handler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
 
@@ -99,3 +106,36 @@ class Channel:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+async def spawn(module: str, settings: Settings,
+                handler: Handler) -> tuple[asyncio.subprocess.Process, Channel]:
+    """Start ``python -m module FD`` with the settings on its standard input;
+    returns the process and the channel to it (see ``child_main``)."""
+    ours, theirs = socket.socketpair()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, str(theirs.fileno()),
+        stdin=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    assert proc.stdin is not None
+    proc.stdin.write(settings.model_dump_json().encode())
+    proc.stdin.close()
+    return proc, await Channel.over(ours, handler)
+
+
+def child_main(serve: Callable[[Settings, socket.socket], Awaitable[None]]) -> None:
+    """A child's entry point: read the settings and the channel's descriptor
+    (``spawn``), then run ``serve`` on uvloop until it returns."""
+    from .config import Settings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    fd = int(sys.argv[1])
+    settings = Settings.model_validate_json(sys.stdin.read())
+    sock = socket.socket(fileno=fd)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings, sock))

@@ -21,6 +21,7 @@ import uvicorn
 from .api.app import create_app
 from .config import Settings, split_host_port
 from .delivery.mx import MxResolver
+from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
 from .queues.manager import QueueManager
 from .reception.intake import Intake
@@ -79,8 +80,10 @@ class Server:
         intake = Intake(settings, spool, rules, manager.apply_received)
         self.services = Services(settings, spool, rules, control, manager, intake, stats)
         self.workers: WorkerPool | None = None
+        self.delivery: DeliveryProcess | None = None
         if settings.server.workers > 0:
             self.workers = WorkerPool(settings, settings.server.workers, intake)
+            self.delivery = manager.delivery = DeliveryProcess(settings, manager, rules)
         self._smtp_servers: list[asyncio.base_events.Server] = []
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
@@ -90,6 +93,8 @@ class Server:
         s = self.services
         await s.spool.open()
         await s.control.start()
+        if self.delivery is not None:
+            await self.delivery.start()
         s.manager.start()
         sockets = [_bind(listen) for listen in self.settings.http.listen]
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import sys
 from typing import Any
 
 from .config import Settings
-from .ipc import Channel
+from .ipc import Channel, spawn
 from .message import AddressError
 from .reception.intake import Intake
 
@@ -56,15 +54,7 @@ class WorkerPool:
                                    f"(exit status {w.proc.returncode})")
 
     async def _spawn(self, w: _Worker) -> None:
-        ours, theirs = socket.socketpair()
         w.ready.clear()
-        w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sluice.reception.worker", str(theirs.fileno()),
-            stdin=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
-        theirs.close()
-        assert w.proc.stdin is not None
-        w.proc.stdin.write(self.settings.model_dump_json().encode())
-        w.proc.stdin.close()
 
         async def handle(msg: dict[str, Any], payload: bytes) -> Any:
             if msg["type"] == "accept":
@@ -77,7 +67,7 @@ class WorkerPool:
                 return True
             return None
 
-        w.channel = await Channel.over(ours, handle)
+        w.proc, w.channel = await spawn("sluice.reception.worker", self.settings, handle)
         self._watchers.append(asyncio.create_task(self._watch(w), name=f"worker-{w.index}"))
 
     async def _watch(self, w: _Worker) -> None:

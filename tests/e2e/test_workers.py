@@ -11,9 +11,25 @@ import time
 from ..support import free_port, wait_for
 
 
-def children(pid: int) -> list[int]:
+RECEPTION = "sluice.reception.worker"
+DELIVERY = "sluice.delivery.worker"
+
+
+def children(pid: int, module: str | None = None) -> list[int]:
+    """The child processes of ``pid`` (those running ``module``, if given)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    kids = [int(p) for p in out.stdout.split()]
+    if module is None:
+        return kids
+    found = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as fh:
+                if module.encode() in fh.read().split(b"\0"):
+                    found.append(kid)
+        except OSError:
+            pass
+    return found
 
 
 def held(make_serve, workers: int = 2):
@@ -32,7 +48,10 @@ def send_each(srv, rcpts: list[str], **kw) -> None:
 def test_workers_run_and_stop_with_the_server(make_serve):
     srv = held(make_serve, workers=2)
     kids = children(srv.proc.pid)
-    assert len(kids) == 2
+    # two reception workers and the delivery process
+    assert len(children(srv.proc.pid, RECEPTION)) == 2
+    assert len(children(srv.proc.pid, DELIVERY)) == 1
+    assert len(kids) == 3
     send_each(srv, [f"u{i}@example.com" for i in range(20)])
     # queue-summary and metrics count what every worker received
     assert sum(srv.scheduled().values()) == 20
@@ -71,10 +90,10 @@ def test_suspend_in_force_in_every_worker(make_serve, sink):
 def test_a_crashed_worker_is_replaced_and_loses_nothing(make_serve):
     srv = held(make_serve, workers=2)
     send_each(srv, [f"a{i}@example.com" for i in range(10)])
-    victim = children(srv.proc.pid)[0]
+    victim = children(srv.proc.pid, RECEPTION)[0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(children(srv.proc.pid)) == 2 and victim not in children(srv.proc.pid),
-             timeout=20)
+    wait_for(lambda: len(children(srv.proc.pid, RECEPTION)) == 2
+             and victim not in children(srv.proc.pid), timeout=20)
     # service goes on; nothing acknowledged was lost
     deadline = time.time() + 10
     sent = 0

@@ -320,8 +320,11 @@ def make_control():
     async def purge_ready(rule):
         purged.append(rule)
 
+    async def rules_changed():
+        changed.append(1)
+
     control = RuleControl(spool, book, pack_bounces=lambda m, r: None,
-                          purge_ready=purge_ready, rules_changed=lambda: changed.append(1),
+                          purge_ready=purge_ready, rules_changed=rules_changed,
                           stats=Counter())
     return control, spool, book, purged, changed
 

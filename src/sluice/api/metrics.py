@@ -26,8 +26,9 @@ _COUNTERS = [
 
 
 class _Collector:
-    def __init__(self, svc) -> None:
+    def __init__(self, svc, sites: dict[str, dict[str, int]]) -> None:
         self.svc = svc
+        self.sites = sites
 
     def collect(self) -> Iterator[Metric]:
         stats = self.svc.stats
@@ -45,9 +46,9 @@ class _Collector:
                               labels=["site"])
         conns = GaugeMetricFamily("sluice_connections", "Open delivery connections per site.",
                                   labels=["site"])
-        for name, site in list(self.svc.manager.sites.items()):
-            r.add_metric([name], len(site.queue) + len(site.in_flight))
-            conns.add_metric([name], site.connections)
+        for name, site in self.sites.items():
+            r.add_metric([name], site["queued"])
+            conns.add_metric([name], site["connections"])
         yield r
         yield conns
         total = GaugeMetricFamily("sluice_spool_messages", "Messages in the spool.")
@@ -62,5 +63,5 @@ class _Collector:
 async def metrics(svc=Depends(services)) -> Response:
     """Counters and queue sizes in Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(svc))
+    registry.register(_Collector(svc, await svc.manager.delivery.figures()))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

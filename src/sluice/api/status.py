@@ -19,7 +19,4 @@ async def liveness() -> dict:
 async def metrics_json(svc=Depends(services)) -> dict:
     """Scheduled queue sizes and per-site ready queue figures."""
     scheduled = {q: n for q, n in list(svc.spool.counts.items()) if n > 0}
-    ready = {name: {"delivered": s.delivered, "failed": s.failed, "connections": s.connections,
-                    "queued": len(s.queue) + len(s.in_flight)}
-             for name, s in list(svc.manager.sites.items())}
-    return {"scheduled": scheduled, "ready": ready}
+    return {"scheduled": scheduled, "ready": await svc.manager.delivery.figures()}

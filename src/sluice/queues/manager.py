@@ -16,7 +16,6 @@ import time
 from collections import Counter
 
 from ..config import Settings
-from ..delivery.mx import DnsFailure
 from ..delivery.routes import Router
 from ..logs import (
     ADMIN_BOUNCE,
@@ -33,7 +32,7 @@ from ..logs import (
 from ..message import QueueName, parse_queue_name
 from ..rules.store import SUSPEND, Rule, RuleBook
 from ..spool import SqliteSpool, Stored
-from .ready import Site
+from .dispatch import Delivery, Dispatcher
 from .scheduled import expires_at, next_due
 
 log = logging.getLogger(__name__)
@@ -51,9 +50,10 @@ class QueueManager:
         self.settings = settings
         self.spool = spool
         self.rules = rules
-        self.router = router
-        self.sites: dict[str, Site] = {}
         self.stats = stats
+        # Where promoted mail goes: sites in this process, or the delivery
+        # process (the server replaces this one).
+        self.delivery: Delivery = Dispatcher(settings, router, self)
         self.in_memory = 0
         self._wake = asyncio.Event()
         self._holds_stale = True
@@ -116,8 +116,10 @@ class QueueManager:
         """New or released mail may be due: look now instead of at the next poll."""
         self._wake.set()
 
-    def rules_changed(self) -> None:
-        """A rule came or went: recompute which queues are held, then promote."""
+    async def rules_changed(self) -> None:
+        """A rule came or went: put the rules in force where mail is sent,
+        recompute which queues are held, then promote."""
+        await self.delivery.rules_changed()
         self._holds_stale = True
         self._wake.set()
 
@@ -176,20 +178,10 @@ class QueueManager:
             return
         if not await self.may_dispatch(msg):
             return
-        try:
-            hop = await self.router.next_hop(parts.domain, parts.routing_domain)
-        except DnsFailure as exc:
-            if exc.permanent:
-                await self.bounced(msg, exc.response, "", None)
-            else:
-                await self.attempt_failed(msg, exc.response, "", None, count_attempt=False)
-            return
-        site = self.sites.get(hop.site)
-        if site is None:
-            d = self.settings.delivery
-            site = self.sites[hop.site] = Site(hop, self, d.connections_per_site,
-                                               d.messages_per_connection)
-        site.push(msg)
+        await self.delivery.dispatch(msg, parts)
+
+    async def load_body(self, body_id: int) -> bytes:
+        return await self.spool.load_body(body_id)
 
     # -- rule checks -------------------------------------------------------
 
@@ -225,12 +217,10 @@ class QueueManager:
 
     async def purge_ready(self, rule: Rule) -> int:
         """Admin-bounce what waits in ready queues for a rule that just landed."""
-        n = 0
-        for site in list(self.sites.values()):
-            for msg in site.take(lambda m: rule.criteria.matches(m.queue, self.parts(m.queue))):
-                await self.admin_bounce(msg, rule)
-                n += 1
-        return n
+        taken = self.delivery.take(lambda m: rule.criteria.matches(m.queue, self.parts(m.queue)))
+        for msg in taken:
+            await self.admin_bounce(msg, rule)
+        return len(taken)
 
     # -- outcomes ----------------------------------------------------------
 
@@ -269,6 +259,12 @@ class QueueManager:
         self.in_memory -= 1
         await self.spool.retry(msg, due, records)
 
+    async def requeue(self, msgs: list[Stored]) -> None:
+        """Put back messages whose attempt was lost with the delivery process."""
+        if msgs:
+            await self.spool.release([m.id for m in msgs])
+            self.in_memory -= len(msgs)
+
     # -- lifecycle ---------------------------------------------------------
 
     async def stop(self, grace: float) -> None:
@@ -279,8 +275,6 @@ class QueueManager:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        sites = list(self.sites.values())
-        results = await asyncio.gather(*(s.stop(grace) for s in sites))
-        left = [m.id for group in results for m in group]
+        left = [m.id for m in await self.delivery.stop(grace)]
         await self.spool.release(left)
         self.in_memory -= len(left)

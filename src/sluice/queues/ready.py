@@ -1,7 +1,7 @@
 """Ready queues: one per destination site, drained by up to N connections.
 
 A site's ready queue holds the few messages promoted for it (in memory, in
-order). Each connection task takes the next message, asks the manager
+order). Each connection task takes the next message, asks its ``Outcomes``
 whether it may still go (rules can change at any moment), and sends it over
 a connection it keeps open for the following messages.
 """
@@ -19,17 +19,17 @@ from ..delivery.smtp import Connection, DeliveryError, Stopped
 from ..spool import Stored
 
 if TYPE_CHECKING:
-    from .manager import QueueManager
+    from .dispatch import Outcomes
 
 
 class Site:
     IDLE_SECONDS = 5.0
 
-    def __init__(self, hop: NextHop, manager: QueueManager, max_connections: int,
+    def __init__(self, hop: NextHop, outcomes: Outcomes, max_connections: int,
                  per_connection: int) -> None:
         self.name = hop.site
         self.hop = hop
-        self.manager = manager
+        self.outcomes = outcomes
         self.queue: deque[Stored] = deque()
         self.max_connections = max_connections
         self.per_connection = per_connection
@@ -82,7 +82,7 @@ class Site:
         return None
 
     async def _run(self) -> None:
-        m = self.manager
+        m = self.outcomes
         conn = Connection(m.settings.smtp.hostname, m.settings.delivery.connect_timeout,
                           m.settings.delivery.command_timeout)
         try:
@@ -120,9 +120,9 @@ class Site:
                 task.add_done_callback(self._tasks.discard)
 
     async def _send(self, conn: Connection, msg: Stored) -> None:
-        m = self.manager
+        m = self.outcomes
         try:
-            body = await m.spool.load_body(msg.body_id)
+            body = await m.load_body(msg.body_id)
             try:
                 resp = await conn.send(msg.sender, msg.recipient, body,
                                        lambda: m.may_send_data(msg))

@@ -14,16 +14,14 @@ other cores.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
-import sys
 import weakref
 from typing import Any
 
 from ..config import Settings, split_host_port
-from ..ipc import Channel
+from ..ipc import Channel, child_main
 from ..message import AddressError
 from .intake import Accepted
 from .smtp import ReceptionHandler, start_smtp
@@ -81,19 +79,8 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -m sluice.reception.worker FD`` with the settings
-    as JSON on standard input."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
-    fd = int(sys.argv[1])
-    settings = Settings.model_validate_json(sys.stdin.read())
-    sock = socket.socket(fileno=fd)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, sock))
+    """Entry point: ``python -m sluice.reception.worker FD`` (see ``ipc.spawn``)."""
+    child_main(_serve)
 
 
 if __name__ == "__main__":

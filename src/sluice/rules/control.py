@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..logs import ADMIN_BOUNCE
 from ..spool import SqliteSpool, Stored
@@ -31,7 +31,7 @@ class RuleControl:
     def __init__(self, spool: SqliteSpool, book: RuleBook,
                  pack_bounces: Callable[[list[Stored], Rule], bytes | None],
                  purge_ready: Callable[[Rule], object],
-                 rules_changed: Callable[[], None], stats: Counter[str]) -> None:
+                 rules_changed: Callable[[], Awaitable[None]], stats: Counter[str]) -> None:
         self.spool = spool
         self.stats = stats
         self.book = book
@@ -70,7 +70,7 @@ class RuleControl:
             if task is not None:
                 task.cancel()
         self.book.add(rule)
-        self._rules_changed()
+        await self._rules_changed()
         if kind == BOUNCE:
             await self._purge_ready(rule)
             self._start_sweep(rule)
@@ -87,7 +87,7 @@ class RuleControl:
         task = self._sweeps.pop(rule_id, None)
         if task is not None:
             task.cancel()
-        self._rules_changed()
+        await self._rules_changed()
         return True
 
     def matching_queues(self, criteria: Criteria) -> dict[str, int]:
@@ -135,7 +135,7 @@ class RuleControl:
                 await self.spool.delete_rules([r.id for r in expired])
                 for r in expired:
                     self.book.remove(r.id)
-                self._rules_changed()
+                await self._rules_changed()
 
     def remaining(self, rule: Rule) -> float:
         return max(0.0, rule.expires - time.time())

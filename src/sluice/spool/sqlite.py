@@ -197,6 +197,47 @@ def _row(r: tuple) -> Stored:
     return Stored(*r)
 
 
+class SpoolReader:
+    """Reads from the spool on one thread with its own connection.
+
+    The spool uses one for its reads; the delivery process opens its own to
+    load the bodies it sends (WAL lets it read while the main process
+    writes, and a body is committed before its message can be claimed).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-spool-reader")
+        self._conn: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the reader thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run() -> Any:
+            if self._conn is None:
+                self._conn = _connect(self.path)
+                self._conn.execute("PRAGMA query_only=1")
+            return fn(self._conn)
+        return await self.run(run)
+
+    async def load_body(self, body_id: int) -> bytes:
+        row = await self.read(lambda c: c.execute(
+            "SELECT data FROM bodies WHERE id = ?", (body_id,)).fetchone())
+        if row is None:
+            raise KeyError(body_id)
+        return row[0]
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self._thread.submit(shut)
+        self._thread.shutdown(wait=True)
+
+
 class SqliteSpool:
     """The embedded spool. See the module docstring for the threading model."""
 
@@ -208,8 +249,7 @@ class SqliteSpool:
         self.parts: dict[str, QueueName] = {}
         self.held: set[str] = set()
         self._writer: _Writer | None = None
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-spool-reader")
-        self._reader_local = threading.local()
+        self._reader = SpoolReader(self.path)
         self._logs: LogWriter | None = None
         self._closing = False
         self._collector: asyncio.Task | None = None
@@ -221,7 +261,7 @@ class SqliteSpool:
         """Prepare the spool, count the queues, start the writer, the log
         writer and the body collector."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.get_running_loop().run_in_executor(self._reader, self._prepare)
+        await self._reader.run(self._prepare)
         self._writer = _Writer(self.path, self._committed)
         self._writer.start()
         self._logs = LogWriter(self.path, self.log_dir, self._delete_outbox)
@@ -256,7 +296,7 @@ class SqliteSpool:
             await asyncio.to_thread(self._logs.stop)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
-        self._reader.shutdown(wait=True)
+        self._reader.close()
 
     def _committed(self, outbox_dirty: bool) -> None:
         if outbox_dirty and self._logs is not None:
@@ -296,12 +336,7 @@ class SqliteSpool:
             self.counts.pop(queue, None)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        def run() -> Any:
-            conn = getattr(self._reader_local, "conn", None)
-            if conn is None:
-                conn = self._reader_local.conn = _connect(self.path)
-            return fn(conn)
-        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+        return await self._reader.read(fn)
 
     # -- reception ---------------------------------------------------------
 
@@ -477,11 +512,7 @@ class SqliteSpool:
     # -- reads -------------------------------------------------------------
 
     async def load_body(self, body_id: int) -> bytes:
-        row = await self._read(lambda c: c.execute(
-            "SELECT data FROM bodies WHERE id = ?", (body_id,)).fetchone())
-        if row is None:
-            raise KeyError(body_id)
-        return row[0]
+        return await self._reader.load_body(body_id)
 
     async def get_message(self, msg_id: str) -> Stored | None:
         row = await self._read(lambda c: c.execute(
