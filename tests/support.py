@@ -83,7 +83,10 @@ class Serve:
     """A ``sluice serve`` subprocess with its own ports and data dir."""
 
     def __init__(self, tmp: Path, extra: str = "", routes: dict[str, str] | None = None,
-                 queue: str = "", http_port: int | None = None) -> None:
+                 queue: str = "", http_port: int | None = None,
+                 workers: int | None = None) -> None:
+        """``workers`` None: the default (one reception process per core and
+        a delivery process); 0: everything in one process."""
         self.dir = tmp
         self.smtp_port = free_port()
         self.http_port = http_port or free_port()
@@ -95,6 +98,7 @@ class Serve:
 [server]
 data_dir = "{self.data}"
 node_name = "test"
+{"" if workers is None else f"workers = {workers}"}
 [smtp]
 listen = ["127.0.0.1:{self.smtp_port}"]
 hostname = "mta.test"

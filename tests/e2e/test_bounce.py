@@ -27,11 +27,16 @@ def terminal_types(srv) -> dict[str, list[str]]:
     return out
 
 
-def test_fence_message_promoted_for_delivery_is_not_delivered(make_serve):
+# None: the default (reception and delivery in their own processes); 0: one process.
+ONE_OR_MORE_PROCESSES = pytest.mark.parametrize("workers", [None, 0], ids=["default", "workers0"])
+
+
+@ONE_OR_MORE_PROCESSES
+def test_fence_message_promoted_for_delivery_is_not_delivered(make_serve, workers):
     """Guarantee 1: a message already waiting for a connection when the rule lands."""
     peer = SlowPeer(greet_delay=3.0).start()
     try:
-        srv = make_serve(routes={"example.com": f"127.0.0.1:{peer.port}"}).start()
+        srv = make_serve(routes={"example.com": f"127.0.0.1:{peer.port}"}, workers=workers).start()
         srv.send(["held@example.com"], headers={"X-Campaign": "oops"})
         # promoted to the ready queue, its connection still waiting for the greeting
         wait_for(lambda: any(s["queued"] for s in srv.api("GET", "/metrics.json").json()["ready"].values()))
@@ -160,9 +165,10 @@ def test_domain_normalized_campaign_case_sensitive(make_serve):
     assert listed["wrong case"]["total_bounced"] == 0
 
 
-def test_never_both_delivery_and_admin_bounce(make_serve, sink):
+@ONE_OR_MORE_PROCESSES
+def test_never_both_delivery_and_admin_bounce(make_serve, sink, workers):
     """Guarantee 7: a bounce racing with live delivery; each message ends exactly once."""
-    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}, workers=workers).start()
     rcpts = [f"r{i}@example.com" for i in range(200)]
     for i in range(0, 200, 50):
         srv.send(rcpts[i:i + 50])

@@ -10,8 +10,9 @@ import pytest
 from ..support import free_port, wait_for
 
 
-def test_delivery_tempfail_retry_and_permfail(make_serve, sink):
-    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+@pytest.mark.parametrize("workers", [None, 0], ids=["default", "workers0"])
+def test_delivery_tempfail_retry_and_permfail(make_serve, sink, workers):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}, workers=workers).start()
     refused = srv.send(["ok1@example.com", "tempfail@example.com", "permfail@example.com",
                         "ok2@Example.COM"], headers={"X-Campaign": "c1", "X-Tenant": "t1"})
     assert refused == {}

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from ..support import wait_for
 
 
-def test_suspend_holds_then_cancel_delivers_promptly(make_serve, sink):
+@pytest.mark.parametrize("workers", [None, 0], ids=["default", "workers0"])
+def test_suspend_holds_then_cancel_delivers_promptly(make_serve, sink, workers):
     srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"},
-                     queue='retry_interval = "1h"').start()
+                     queue='retry_interval = "1h"', workers=workers).start()
     out = srv.kcli("suspend", "--campaign", "hold-me", "--reason", "checking", "--duration", "10m")
     assert out.returncode == 0, out.stderr
     sid = out.stdout.strip()

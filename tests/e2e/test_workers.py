@@ -1,14 +1,18 @@
-"""Reception in worker processes ([server] workers): guarantees hold across processes."""
+"""Reception in worker processes and delivery in its own ([server] workers):
+the guarantees hold across processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
 import subprocess
 import time
 
+from ..slow_peer import SlowPeer
 from ..support import free_port, wait_for
+from .test_crash import Blaster, assert_consistent
 
 
 RECEPTION = "sluice.reception.worker"
@@ -33,11 +37,8 @@ def children(pid: int, module: str | None = None) -> list[int]:
 
 
 def held(make_serve, workers: int = 2):
-    srv = make_serve(routes={"example.com": f"127.0.0.1:{free_port()}"},
-                     queue='retry_interval = "1h"')
-    srv.config.write_text(srv.config.read_text().replace(
-        'node_name = "test"', f'node_name = "test"\nworkers = {workers}'))
-    return srv.start()
+    return make_serve(routes={"example.com": f"127.0.0.1:{free_port()}"},
+                      queue='retry_interval = "1h"', workers=workers).start()
 
 
 def send_each(srv, rcpts: list[str], **kw) -> None:
@@ -74,10 +75,7 @@ def test_bounce_rule_in_force_for_mail_from_every_worker_when_the_api_answers(ma
 
 
 def test_suspend_in_force_in_every_worker(make_serve, sink):
-    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"})
-    srv.config.write_text(srv.config.read_text().replace(
-        'node_name = "test"', 'node_name = "test"\nworkers = 2'))
-    srv.start()
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}, workers=2).start()
     sid = srv.kcli("suspend", "--domain", "example.com", "--reason", "hold", check=True).stdout.strip()
     send_each(srv, [f"s{i}@example.com" for i in range(10)])
     time.sleep(1.5)
@@ -112,10 +110,67 @@ def test_a_crashed_worker_is_replaced_and_loses_nothing(make_serve):
 
 
 def test_single_process_mode(make_serve, sink):
-    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"})
-    srv.config.write_text(srv.config.read_text().replace(
-        'node_name = "test"', 'node_name = "test"\nworkers = 0'))
-    srv.start()
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}, workers=0).start()
     assert children(srv.proc.pid) == []
     srv.send(["one@example.com"])
     wait_for(lambda: sink.recipients() == ["one@example.com"])
+
+
+def test_a_killed_delivery_process_is_replaced_and_loses_nothing(make_serve, sink):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}, workers=2).start()
+    blaster = Blaster(srv.smtp_port, sessions=10).start()
+    wait_for(lambda: len(srv.records("Delivery")) > 100, timeout=30)
+    [victim] = children(srv.proc.pid, DELIVERY)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: children(srv.proc.pid, DELIVERY) not in ([], [victim]), timeout=20)
+    time.sleep(0.5)
+    acked = blaster.stop()
+    wait_for(lambda: srv.scheduled() == {}, timeout=60)
+    terminal = assert_consistent(srv, acked)
+    # every acknowledged message was delivered, and logged once
+    assert all(terminal.get(i) == {"Delivery"} for i in acked)
+    ids = [r["id"] for r in srv.records("Delivery")]
+    assert len(ids) == len(set(ids))
+    assert {r["recipient"] for r in srv.records("Delivery")} <= set(sink.recipients())
+    assert srv.stop() == 0
+
+
+def test_ready_queue_figures_come_from_the_delivery_process(make_serve):
+    peer = SlowPeer(greet_delay=3.0).start()
+    try:
+        srv = make_serve(routes={"example.com": f"127.0.0.1:{peer.port}"}, workers=1).start()
+        srv.send(["slow@example.com"])
+        site = f"127.0.0.1:{peer.port}"
+        ready = wait_for(lambda: srv.api("GET", "/metrics.json").json()["ready"].get(site))
+        assert ready["queued"] == 1 and ready["connections"] == 1
+        text = srv.api("GET", "/metrics").text
+        assert f'sluice_connections{{site="{site}"}} 1.0' in text
+        wait_for(lambda: srv.records("Delivery"))
+        assert srv.api("GET", "/metrics.json").json()["ready"][site]["delivered"] == 1
+    finally:
+        peer.stop()
+
+
+def test_rules_reach_a_stalled_delivery_process_or_it_is_replaced(make_serve):
+    """The API does not answer before the delivery process has the rule: one that
+    cannot take it (stopped here with SIGSTOP) is killed and replaced first."""
+    peer = SlowPeer(greet_delay=0.0).start()
+    try:
+        srv = make_serve(routes={"example.com": f"127.0.0.1:{peer.port}"}, workers=1).start()
+        [victim] = children(srv.proc.pid, DELIVERY)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            srv.send([f"r{i}@example.com" for i in range(5)], headers={"X-Campaign": "stop"})
+            r = srv.api("POST", "/api/admin/bounce/v1", {"campaign": "stop", "reason": "stalled"})
+            assert r.status_code == 200
+            # gone (killed and reaped) by the time the API answered
+            assert not os.path.exists(f"/proc/{victim}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        wait_for(lambda: len(srv.records("AdminBounce")) == 5, timeout=30)
+        assert peer.data_received == []
+        assert not srv.records("Delivery")
+        wait_for(lambda: len(children(srv.proc.pid, DELIVERY)) == 1)
+    finally:
+        peer.stop()

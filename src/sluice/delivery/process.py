@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RULES_TIMEOUT = 10.0
+RULES_TIMEOUT = 5.0
 
 
 class DeliveryProcess:
