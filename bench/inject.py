@@ -267,8 +267,8 @@ class ProcSample:
     rss_kb: int = 0
     hwm_kb: int = 0
     peak_rss_kb: int = 0
-    cpu_start: float | None = None
-    cpu_end: float | None = None
+    cpu_start: dict[int, float] | None = None
+    cpu_end: dict[int, float] | None = None
     threads_start: dict[int, float] = field(default_factory=dict)
     threads_end: dict[int, float] = field(default_factory=dict)
 
@@ -291,8 +291,25 @@ def _stat_cpu(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
-def proc_cpu(pid: int) -> float:
-    return _stat_cpu(f"/proc/{pid}/stat")
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (sluice's reception and delivery processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                todo.extend(int(c) for c in fh.read().split())
+    return out
+
+
+def proc_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and of each of its descendants."""
+    out = {}
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            out[p] = _stat_cpu(f"/proc/{p}/stat")
+    return out
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -321,10 +338,15 @@ def machine_busy(t0: list[int], t1: list[int]) -> dict[str, float]:
 
 
 async def sample_rss(pid: int, ps: ProcSample, stop: asyncio.Event, every: float = 0.1) -> None:
+    """RSS of the whole process tree (main process and its children), sampled."""
     while not stop.is_set():
-        with contextlib.suppress(OSError, ValueError):
-            ps.rss_kb, ps.hwm_kb = _status_kb(pid)
-            ps.peak_rss_kb = max(ps.peak_rss_kb, ps.rss_kb)
+        rss = hwm = 0
+        for p in process_tree(pid):
+            with contextlib.suppress(OSError, ValueError):
+                r, h = _status_kb(p)
+                rss, hwm = rss + r, hwm + h
+        ps.rss_kb, ps.hwm_kb = rss, hwm
+        ps.peak_rss_kb = max(ps.peak_rss_kb, rss)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
 
@@ -567,7 +589,11 @@ async def amain(args: argparse.Namespace) -> int:
         client_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         rate = st.accepted / elapsed if elapsed > 0 else 0.0
         mbps = st.accepted * args.size / elapsed / 1e6 if elapsed > 0 else 0.0
-        server_cpu = (ps.cpu_end - ps.cpu_start) if ps.cpu_start is not None and ps.cpu_end is not None else None
+        server_cpu = None
+        procs: dict[int, float] = {}
+        if ps.cpu_start is not None and ps.cpu_end is not None:
+            procs = {p: t - ps.cpu_start.get(p, 0.0) for p, t in ps.cpu_end.items()}
+            server_cpu = sum(procs.values())
         stored = None
         if own is not None:
             stored = await asyncio.to_thread(own.scheduled)
@@ -592,16 +618,22 @@ async def amain(args: argparse.Namespace) -> int:
               f"  p99 {_pct(st.latencies, 99) * 1e3:.1f}  max {max(st.latencies, default=0) * 1e3:.1f}"
               "  (MAIL to 250 after DATA)")
         if pid:
-            print(f"server peak RSS   {peak_mb:.1f} MB (sampled peak {ps.peak_rss_kb / 1024:.1f} MB, "
-                  f"VmHWM {ps.hwm_kb / 1024:.1f} MB, last {ps.rss_kb / 1024:.1f} MB)")
+            print(f"server peak RSS   {peak_mb:.1f} MB, all processes (sampled peak "
+                  f"{ps.peak_rss_kb / 1024:.1f} MB, sum of VmHWM {ps.hwm_kb / 1024:.1f} MB, "
+                  f"last {ps.rss_kb / 1024:.1f} MB)")
         if server_cpu is not None:
             main_tid = pid
             per = {tid: ps.threads_end[tid] - ps.threads_start.get(tid, 0.0) for tid in ps.threads_end}
             main = per.get(main_tid, 0.0)
             others = sorted((v for t, v in per.items() if t != main_tid), reverse=True)
             print(f"server CPU        {server_cpu:.1f} s = {server_cpu / elapsed:.2f} cores "
-                  f"(event-loop thread {main:.1f} s = {main / elapsed:.2f} cores; "
-                  f"other threads {', '.join(f'{v:.1f}' for v in others[:4] if v >= 0.05) or '0'} s)")
+                  f"({len(procs)} process(es))")
+            print(f"  main process    {procs.get(pid, 0.0):.1f} s: event-loop thread {main:.1f} s = "
+                  f"{main / elapsed:.2f} cores; other threads "
+                  f"{', '.join(f'{v:.1f}' for v in others[:4] if v >= 0.05) or '0'} s")
+            kids = sorted((v for p, v in procs.items() if p != pid), reverse=True)
+            if kids:
+                print(f"  child processes {', '.join(f'{v:.1f}' for v in kids)} s")
         print(f"client CPU        {client_cpu:.1f} s = {client_cpu / elapsed:.2f} cores "
               f"(user {ru1.ru_utime - ru0.ru_utime:.1f} s, sys {ru1.ru_stime - ru0.ru_stime:.1f} s)")
         print(f"machine           {busy['busy']:.2f} of {os.cpu_count()} cores busy (user {busy['user']}, "

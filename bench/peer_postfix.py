@@ -114,9 +114,8 @@ def proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def tree_cpu(root: int) -> float:
-    """CPU of ``root`` and all its descendants, living or reaped (reaped ones
-    are in their parent's cutime/cstime)."""
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its living descendants."""
     kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -125,12 +124,18 @@ def tree_cpu(root: int) -> float:
             except (OSError, ValueError, IndexError):
                 continue
             kids.setdefault(ppid, []).append(int(name))
-    total, todo = 0.0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += proc_cpu(pid, children=True)
+        out.append(pid)
         todo.extend(kids.get(pid, []))
-    return total
+    return out
+
+
+def tree_cpu(root: int) -> float:
+    """CPU of ``root`` and all its descendants, living or reaped (reaped ones
+    are in their parent's cutime/cstime)."""
+    return sum(proc_cpu(pid, children=True) for pid in tree_pids(root))
 
 
 def machine_ticks() -> list[int]:
@@ -495,10 +500,14 @@ retry_interval = "1h"
             time.sleep(0.2)
 
     def cpu(self) -> float:
-        return proc_cpu(self.proc.pid, children=True) if self.proc else 0.0
+        # the main process and its reception and delivery processes
+        return tree_cpu(self.proc.pid) if self.proc else 0.0
 
     def rss_mb(self) -> float:
-        return vm_hwm_mb(self.proc.pid) if self.proc else 0.0
+        """Peak RSS: the main process's plus its child processes' (VmHWM each)."""
+        if not self.proc:
+            return 0.0
+        return sum(vm_hwm_mb(p) for p in tree_pids(self.proc.pid))
 
     def stop(self) -> tuple[int | None, float]:
         code, took = None, 0.0

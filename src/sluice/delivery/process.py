@@ -116,22 +116,22 @@ class DeliveryProcess:
     async def stop(self, grace: float) -> list[Stored]:
         """Stop the process after sends under way end; returns what was not finished."""
         self._stopping = True
+        if self._watcher is not None:  # no restart from here on
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self._up and self.channel is not None:
             with contextlib.suppress(ChannelClosed, TimeoutError):
                 await self.channel.call({"type": "stop", "grace": grace}, timeout=grace + 5.0)
         self._up = False
+        if self.channel is not None:
+            await self.channel.close()  # a process that did not stop sees its channel close
         if self.proc is not None:
             try:
                 await asyncio.wait_for(self.proc.wait(), 5.0)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        if self.channel is not None:
-            await self.channel.close()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
         left = list(self.out.values())
         self.out.clear()
         self._pending.clear()
