@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inject import Injector, free_port  # noqa: E402
+from inject import Injector, free_port, process_tree  # noqa: E402
 
 from sluice.spool.base import new_message_id  # noqa: E402
 from sluice.spool.sqlite import _SCHEMA  # noqa: E402
@@ -108,10 +108,13 @@ class LogCounter:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """RSS of the server: its main process and its reception and delivery processes."""
+    total = 0.0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 async def accept_load(port: int, stop: asyncio.Event, size: int, concurrency: int) -> tuple[int, float, int]:
