@@ -86,8 +86,8 @@ class ServerSettings(_Section):
     node_name: str = "sluice"
     # SMTP reception processes sharing the listening port, plus one delivery
     # process; 0 = everything in the main process. Default: the number of
-    # cores (bench/RESULTS.md, "Reception workers").
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0, le=64)
+    # cores (bench/RESULTS.md, "Reception and delivery processes").
+    workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 64), ge=0, le=64)
 
 
 class SmtpSettings(_Section):

@@ -123,6 +123,18 @@ async def spawn(module: str, settings: Settings,
     return proc, await Channel.over(ours, handler)
 
 
+async def started(proc: asyncio.subprocess.Process, ready: asyncio.Event,
+                  timeout: float) -> bool:
+    """Wait until a child says it is ready (True), or exits or times out (False)."""
+    ready_wait = asyncio.create_task(ready.wait())
+    died = asyncio.create_task(proc.wait())
+    done, _ = await asyncio.wait({ready_wait, died}, timeout=timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    ready_wait.cancel()
+    died.cancel()
+    return ready_wait in done
+
+
 def child_main(serve: Callable[[Settings, socket.socket], Awaitable[None]]) -> None:
     """A child's entry point: read the settings and the channel's descriptor
     (``spawn``), then run ``serve`` on uvloop until it returns."""

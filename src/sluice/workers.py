@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from .config import Settings
-from .ipc import Channel, spawn
+from .ipc import Channel, spawn, started
 from .message import AddressError
 from .reception.intake import Intake
 
@@ -42,13 +42,7 @@ class WorkerPool:
             await self._spawn(w)
         for w in self._workers:
             assert w.proc is not None
-            ready = asyncio.create_task(w.ready.wait())
-            died = asyncio.create_task(w.proc.wait())
-            done, _ = await asyncio.wait({ready, died}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            died.cancel()
-            if ready not in done:
+            if not await started(w.proc, w.ready, timeout):
                 await self.stop()
                 raise RuntimeError(f"reception worker {w.index} did not start "
                                    f"(exit status {w.proc.returncode})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from sluice.config import (
     ConfigError,
     QueueSettings,
+    ServerSettings,
     Settings,
     load_settings,
     settings_from_dict,
@@ -85,6 +87,17 @@ def test_defaults_match_spec(settings):
     assert settings.routes == {}
     assert settings.routing_domains == {}
     assert settings.queue_settings_for("example.com") == QueueSettings()
+    # one reception process per core (and a delivery process)
+    assert settings.server.workers == min(os.cpu_count() or 1, 64)
+
+
+def test_workers_default_follows_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ServerSettings().workers == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)
+    assert ServerSettings().workers == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert ServerSettings().workers == 1
 
 
 def test_empty_file_gives_defaults(tmp_path):

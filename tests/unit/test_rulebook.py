@@ -142,6 +142,9 @@ def test_kinds_are_separate():
     assert book.has(BOUNCE) and book.has(SUSPEND)
     assert book.active(BOUNCE) == [b]
     assert book.active(SUSPEND) == [s]
+    # either kind keeps mail from being sent
+    assert book.stops(*q("a.com")) and book.stops(*q("b.com"))
+    assert not book.stops(*q("c.com"))
 
 
 def test_remove():

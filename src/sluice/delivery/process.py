@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
-from ..ipc import Channel, ChannelClosed, spawn
+from ..ipc import Channel, ChannelClosed, spawn, started
 from ..message import QueueName
 from ..rules.store import BOUNCE, SUSPEND, RuleBook
 from ..spool import Stored
@@ -66,13 +66,7 @@ class DeliveryProcess:
             return None
 
         self.proc, self.channel = await spawn("sluice.delivery.worker", self.settings, handle)
-        ready_wait = asyncio.create_task(ready.wait())
-        died = asyncio.create_task(self.proc.wait())
-        done, _ = await asyncio.wait({ready_wait, died}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        ready_wait.cancel()
-        died.cancel()
-        if ready_wait not in done:
+        if not await started(self.proc, ready, timeout):
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()

@@ -57,9 +57,7 @@ class Upstream:
         self._reader = reader
 
     def may_send_data(self, msg: Stored) -> bool:
-        parts = self.parts[msg.queue]
-        return (self.rules.bounce_for(msg.queue, parts) is None
-                and self.rules.suspended(msg.queue, parts) is None)
+        return not self.rules.stops(msg.queue, self.parts[msg.queue])
 
     def bounced_now(self, msg: Stored) -> bool:
         return self.rules.bounce_for(msg.queue, self.parts[msg.queue]) is not None

@@ -186,9 +186,7 @@ class QueueManager:
     # -- rule checks -------------------------------------------------------
 
     def may_send_data(self, msg: Stored) -> bool:
-        parts = self.parts(msg.queue)
-        return (self.rules.bounce_for(msg.queue, parts) is None
-                and self.rules.suspended(msg.queue, parts) is None)
+        return not self.rules.stops(msg.queue, self.parts(msg.queue))
 
     async def may_dispatch(self, msg: Stored) -> bool:
         """True if ``msg`` may go; otherwise it is bounced or held here."""

@@ -134,3 +134,7 @@ class RuleBook:
 
     def suspended(self, name: str, parts: QueueName) -> Rule | None:
         return self.match(SUSPEND, name, parts)
+
+    def stops(self, name: str, parts: QueueName) -> bool:
+        """A bounce or suspend rule keeps mail of queue ``name`` from being sent."""
+        return self.bounce_for(name, parts) is not None or self.suspended(name, parts) is not None
