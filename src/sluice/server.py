@@ -25,11 +25,11 @@ from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
 from .queues.manager import QueueManager
 from .reception.intake import Intake
+from .reception.pool import WorkerPool
 from .reception.smtp import ReceptionHandler, start_smtp
 from .rules.control import RuleControl
 from .rules.store import RuleBook
 from .spool import SqliteSpool
-from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import contextlib
 import logging
 from typing import Any
 
-from .config import Settings
-from .ipc import Channel, spawn, started
-from .message import AddressError
-from .reception.intake import Intake
+from ..config import Settings
+from ..ipc import Channel, spawn, started
+from ..message import AddressError
+from .intake import Intake
 
 log = logging.getLogger(__name__)
 
