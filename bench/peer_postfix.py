@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bounce import LogCounter as AdminBounceCounter  # noqa: E402
-from inject import fs_type  # noqa: E402
+from inject import fs_type, process_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SLUICE = Path(sys.executable).parent / "sluice"
@@ -114,28 +114,10 @@ def proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def tree_pids(root: int) -> list[int]:
-    """``root`` and all its living descendants."""
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                ppid = int(_stat_fields(int(name))[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
-
 def tree_cpu(root: int) -> float:
     """CPU of ``root`` and all its descendants, living or reaped (reaped ones
     are in their parent's cutime/cstime)."""
-    return sum(proc_cpu(pid, children=True) for pid in tree_pids(root))
+    return sum(proc_cpu(pid, children=True) for pid in process_tree(root))
 
 
 def machine_ticks() -> list[int]:
@@ -507,7 +489,7 @@ retry_interval = "1h"
         """Peak RSS: the main process's plus its child processes' (VmHWM each)."""
         if not self.proc:
             return 0.0
-        return sum(vm_hwm_mb(p) for p in tree_pids(self.proc.pid))
+        return sum(vm_hwm_mb(p) for p in process_tree(self.proc.pid))
 
     def stop(self) -> tuple[int | None, float]:
         code, took = None, 0.0

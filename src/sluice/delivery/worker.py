@@ -25,7 +25,7 @@ from ..config import Settings
 from ..ipc import Channel, child_main
 from ..logs import Response
 from ..message import QueueName
-from ..queues.dispatch import Dispatcher
+from ..queues.dispatch import Dispatcher, Outcomes
 from ..rules.store import RuleBook
 from ..spool import Stored
 from ..spool.sqlite import SpoolReader
@@ -46,7 +46,7 @@ def response_from_wire(data: list | None) -> Response | None:
     return Response(code, content, tuple(enhanced) if enhanced else None, command)
 
 
-class Upstream:
+class Upstream(Outcomes):
     """``Outcomes`` for this process: rules as pushed, fates to the main process."""
 
     def __init__(self, settings: Settings, reader: SpoolReader) -> None:
@@ -61,12 +61,6 @@ class Upstream:
 
     def bounced_now(self, msg: Stored) -> bool:
         return self.rules.bounce_for(msg.queue, self.parts[msg.queue]) is not None
-
-    async def may_dispatch(self, msg: Stored) -> bool:
-        if self.may_send_data(msg):
-            return True
-        await self.dispose_stopped(msg)
-        return False
 
     async def dispose_stopped(self, msg: Stored) -> None:
         await self._tell("stopped", msg)

@@ -32,6 +32,10 @@ class Outcomes(Protocol):
 
     async def may_dispatch(self, msg: Stored) -> bool:
         """Like ``may_send_data``; a stopped message is disposed of."""
+        if self.may_send_data(msg):
+            return True
+        await self.dispose_stopped(msg)
+        return False
 
     async def dispose_stopped(self, msg: Stored) -> None: ...
 

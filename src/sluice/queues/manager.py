@@ -32,7 +32,7 @@ from ..logs import (
 from ..message import QueueName, parse_queue_name
 from ..rules.store import SUSPEND, Rule, RuleBook
 from ..spool import SqliteSpool, Stored
-from .dispatch import Delivery, Dispatcher
+from .dispatch import Delivery, Dispatcher, Outcomes
 from .scheduled import expires_at, next_due
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _DELIVERY_KINDS = (DELIVERY, BOUNCE, TRANSIENT_FAILURE)
 
 
-class QueueManager:
+class QueueManager(Outcomes):
     MAX_IN_MEMORY = 5000
     CLAIM_BATCH = 500
     POLL_SECONDS = 1.0
@@ -187,13 +187,6 @@ class QueueManager:
 
     def may_send_data(self, msg: Stored) -> bool:
         return not self.rules.stops(msg.queue, self.parts(msg.queue))
-
-    async def may_dispatch(self, msg: Stored) -> bool:
-        """True if ``msg`` may go; otherwise it is bounced or held here."""
-        if self.may_send_data(msg):
-            return True
-        await self.dispose_stopped(msg)
-        return False
 
     async def dispose_stopped(self, msg: Stored) -> None:
         """A rule stopped ``msg``: admin-bounce it, or put it back on hold."""
