@@ -142,6 +142,23 @@ def fs_type(path: Path) -> str:
     return kind
 
 
+def terminate(proc: subprocess.Popen, what: str, timeout: float = 30.0) -> tuple[int | None, float]:
+    """SIGTERM and wait (SIGKILL after ``timeout``); returns (exit code, seconds
+    it took). A process that already exited gives its code and 0."""
+    if proc.poll() is not None:
+        return proc.returncode, 0.0
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+        print(f"{what} did not stop within {timeout:.0f} s of SIGTERM: killed",
+              file=sys.stderr, flush=True)
+    return code, time.monotonic() - t0
+
+
 class OwnServer:
     """A ``sluice serve`` subprocess with a throw-away config and data dir."""
 
@@ -235,18 +252,8 @@ class OwnServer:
     def stop(self) -> tuple[int | None, float]:
         """SIGTERM, wait; returns (exit code, seconds it took to stop)."""
         code, took = None, 0.0
-        if self.proc is not None and self.proc.poll() is None:
-            t0 = time.monotonic()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                code = self.proc.wait()
-                print("server did not stop within 30s of SIGTERM: killed", file=sys.stderr)
-            took = time.monotonic() - t0
-        elif self.proc is not None:
-            code = self.proc.returncode
+        if self.proc is not None:
+            code, took = terminate(self.proc, "server")
         if self._log is not None:
             self._log.close()
         return code, took

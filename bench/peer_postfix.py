@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bounce import LogCounter as AdminBounceCounter  # noqa: E402
-from inject import fs_type, process_tree  # noqa: E402
+from inject import fs_type, process_tree, terminate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SLUICE = Path(sys.executable).parent / "sluice"
@@ -494,18 +494,7 @@ retry_interval = "1h"
     def stop(self) -> tuple[int | None, float]:
         code, took = None, 0.0
         if self.proc is not None:
-            if self.proc.poll() is None:
-                t0 = time.perf_counter()
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    code = self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    code = self.proc.wait()
-                    log("sluice did not stop within 30 s of SIGTERM: killed")
-                took = time.perf_counter() - t0
-            else:
-                code = self.proc.returncode
+            code, took = terminate(self.proc, "sluice")
             self._out.close()
             self.pids.remove(self.proc.pid)
             self.proc = None
