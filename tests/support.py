@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from .kumo_record import parse as parse_kumo_record
+
 BIN = Path(sys.executable).parent
 
 
@@ -143,6 +145,8 @@ listen = ["127.0.0.1:{self.http_port}"]
             return s.sendmail(sender, recipients, msg.encode())
 
     def records(self, kind: str | None = None) -> list[dict]:
+        """The log records written so far; each one must parse as KumoMTA's
+        ``JsonLogRecord`` (tests/kumo_record.py), or this raises."""
         out = []
         logs = self.data / "logs"
         if not logs.exists():
@@ -150,6 +154,7 @@ listen = ["127.0.0.1:{self.http_port}"]
         for path in sorted(logs.glob("*.jsonl")):
             for line in path.read_text().splitlines():
                 if line:
+                    parse_kumo_record(line)
                     rec = json.loads(line)
                     if kind is None or rec["type"] == kind:
                         out.append(rec)

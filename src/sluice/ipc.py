@@ -4,7 +4,9 @@ workers, the delivery process), and how a child is started.
 One socket pair per child. A frame is two 4-byte lengths, an orjson header
 and a raw payload (a message body travels as bytes, not as JSON). Either
 side may ``call`` (send and wait for the answer); the other side's calls are
-answered by ``handler``, each in its own task, so many can be under way.
+answered by ``handler``, each in its own task, so many can be under way. A
+handler that raises answers with the error, which the caller raises as
+``RemoteError``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import signal
 import socket
 import struct
@@ -24,6 +27,8 @@ import orjson
 if TYPE_CHECKING:
     from .config import Settings
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
 
 _LENS = struct.Struct("!II")
@@ -31,6 +36,10 @@ _LENS = struct.Struct("!II")
 
 class ChannelClosed(ConnectionError):
     """The other side is gone."""
+
+
+class RemoteError(RuntimeError):
+    """The other side's handler raised; the message names its exception."""
 
 
 class Channel:
@@ -68,9 +77,13 @@ class Channel:
         self._writer.write(_LENS.pack(len(data), len(payload)) + data + payload)
 
     async def _answer(self, call_id: int, msg: dict[str, Any], payload: bytes) -> None:
-        result = await self._handler(msg, payload)
+        try:
+            frame = {"answer": call_id, "result": await self._handler(msg, payload)}
+        except Exception as exc:  # the caller gets the error at once, not a timeout
+            log.exception("handling %r failed", msg.get("type"))
+            frame = {"answer": call_id, "error": f"{type(exc).__name__}: {exc}"}
         if not self._writer.is_closing():
-            self._send({"answer": call_id, "result": result})
+            self._send(frame)
 
     async def _run(self) -> None:
         try:
@@ -82,7 +95,10 @@ class Channel:
                 if "answer" in frame:
                     fut = self._waiting.get(frame["answer"])
                     if fut is not None and not fut.done():
-                        fut.set_result(frame.get("result"))
+                        if "error" in frame:
+                            fut.set_exception(RemoteError(frame["error"]))
+                        else:
+                            fut.set_result(frame.get("result"))
                 else:
                     task = asyncio.create_task(self._answer(frame["call"], frame["msg"], payload))
                     self._answering.add(task)

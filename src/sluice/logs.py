@@ -36,7 +36,11 @@ TERMINAL_TYPES = frozenset({DELIVERY, BOUNCE, EXPIRATION, ADMIN_BOUNCE})
 
 @dataclass(slots=True, frozen=True)
 class Response:
-    """An SMTP response as logged: code, enhanced code, text, command."""
+    """An SMTP response as logged: code, enhanced code, text, command.
+
+    ``command`` is the command the response answers; the reply to the end of
+    the message data is ``"."`` (as KumoMTA logs it).
+    """
 
     code: int
     content: str
@@ -58,6 +62,49 @@ class Response:
         return f"{self.code} {self.content}"
 
 
+@dataclass(slots=True, frozen=True)
+class Tls:
+    """The TLS of a session, as logged (only when the session used TLS)."""
+
+    cipher: str
+    protocol_version: str
+    peer_subject_name: tuple[str, ...] | None = None
+
+    def to_wire(self) -> list:
+        return [self.cipher, self.protocol_version,
+                list(self.peer_subject_name) if self.peer_subject_name is not None else None]
+
+    @classmethod
+    def from_wire(cls, data: list | None) -> Tls | None:
+        if data is None:
+            return None
+        cipher, version, subject = data
+        return cls(cipher, version, tuple(subject) if subject is not None else None)
+
+
+@dataclass(slots=True, frozen=True)
+class Attempt:
+    """Where a delivery attempt went: the site, the peer, the outbound
+    session (one UUID per connection) and its TLS, if any."""
+
+    site: str = ""
+    peer: tuple[str, str] | None = None
+    session_id: str | None = None
+    tls: Tls | None = None
+
+    def to_wire(self) -> list:
+        return [self.site, list(self.peer) if self.peer else None, self.session_id,
+                self.tls.to_wire() if self.tls else None]
+
+    @classmethod
+    def from_wire(cls, data: list) -> Attempt:
+        site, peer, session_id, tls = data
+        return cls(site, tuple(peer) if peer else None, session_id, Tls.from_wire(tls))
+
+
+NO_ATTEMPT = Attempt()
+
+
 def parse_enhanced(text: str) -> tuple[tuple[int, int, int] | None, str]:
     """Split a leading ``x.y.z`` enhanced status code off a response text."""
     head, _, rest = text.partition(" ")
@@ -65,6 +112,13 @@ def parse_enhanced(text: str) -> tuple[tuple[int, int, int] | None, str]:
     if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
         return (int(parts[0]), int(parts[1]), int(parts[2])), rest
     return None, text
+
+
+def internal_error(exc: BaseException, where: str) -> Response:
+    """The response logged when an unexpected exception ends an attempt: a
+    transient failure, so the message is tried again."""
+    text = f"internal error during {where}: {type(exc).__name__}: {exc}"
+    return Response(451, text.replace("\r", " ").replace("\n", " "), (4, 3, 0))
 
 
 def admin_bounce_response(reason: str) -> Response:
@@ -87,6 +141,11 @@ def rfc3339(ts: float) -> str:
     return _rfc3339(ts)
 
 
+# KumoMTA's classification when no classifier rule matched; Sluice has no
+# classifier, so every record carries it.
+UNCATEGORIZED = "Uncategorized"
+
+
 def make_record(
     kind: str,
     *,
@@ -105,11 +164,15 @@ def make_record(
     reception_protocol: str | None = None,
     delivery_protocol: str | None = None,
     session_id: str | None = None,
+    tls: Tls | None = None,
     now: float | None = None,
 ) -> bytes:
-    """One log record, serialized (one JSON object, no trailing newline)."""
+    """One log record, serialized (one JSON object, no trailing newline).
+
+    The fields and their types are KumoMTA's ``JsonLogRecord``; ``peer`` is
+    (name, IP address). The TLS fields are present only when ``tls`` is.
+    """
     ts = time.time() if now is None else now
-    classification = "Uncategorized" if kind in (BOUNCE, ADMIN_BOUNCE, EXPIRATION) else None
     rec = {
         "type": kind,
         "id": msg_id,
@@ -123,14 +186,21 @@ def make_record(
         "timestamp": int(ts),
         "event_time": _rfc3339(ts),
         "created": int(created),
+        "created_time": _rfc3339(created),
         "num_attempts": num_attempts,
-        "bounce_classification": classification,
+        "bounce_classification": UNCATEGORIZED,
         "meta": meta,
+        "headers": {},
         "delivery_protocol": delivery_protocol,
         "reception_protocol": reception_protocol,
         "nodeid": nodeid,
         "session_id": session_id,
     }
+    if tls is not None:
+        rec["tls_cipher"] = tls.cipher
+        rec["tls_protocol_version"] = tls.protocol_version
+        if tls.peer_subject_name is not None:
+            rec["tls_peer_subject_name"] = list(tls.peer_subject_name)
     return orjson.dumps(rec)
 
 
@@ -138,40 +208,48 @@ def make_record(
 # records (a bounce sweep's chunk): the shared parts once, the per-message
 # fields as a list. The log writer expands it; expansion is deterministic,
 # so a batch written twice after a crash repeats its records identically.
-PACKED = b"\x00AB1"
+PACKED = b"\x00AB2"
+_PACKED_V1 = b"\x00AB1"  # rows without the reception protocol (older spools)
+
+# A packed row: (id, sender, recipient, queue, size, created, attempts, reception_protocol)
+PackedRow = tuple[str, str, str, str, int, float, int, "str | None"]
 
 
-def pack_admin_bounces(rows: list[tuple], reason: str, nodeid: str,
+def pack_admin_bounces(rows: list[PackedRow], reason: str, nodeid: str,
                        meta: dict[str, dict[str, str]]) -> bytes:
-    """``rows``: (id, sender, recipient, queue, size, created, attempts) tuples."""
     return PACKED + orjson.dumps({"reason": reason, "nodeid": nodeid, "now": time.time(),
                                   "meta": meta, "rows": rows})
 
 
 def expand(entry: bytes) -> bytes:
     """The JSON lines an outbox row stands for (packed or not)."""
-    if not entry.startswith(PACKED):
+    if entry.startswith(PACKED):
+        batch = orjson.loads(entry[len(PACKED):])
+        rows = batch["rows"]
+    elif entry.startswith(_PACKED_V1):
+        batch = orjson.loads(entry[len(_PACKED_V1):])
+        rows = [[*r, None] for r in batch["rows"]]
+    else:
         return entry
-    batch = orjson.loads(entry[len(PACKED):])
     response = admin_bounce_response(batch["reason"])
     meta, nodeid, now = batch["meta"], batch["nodeid"], batch["now"]
-    rows = batch["rows"]
     fill = _admin_bounce_template(response, nodeid, now)
     if fill is None:
         return b"\n".join(
             make_record(ADMIN_BOUNCE, msg_id=i, sender=sender, recipient=rcpt, queue=queue,
                         meta=meta.get(queue, {}), size=size, created=created,
-                        num_attempts=attempts, nodeid=nodeid, response=response, now=now)
-            for i, sender, rcpt, queue, size, created, attempts in rows)
+                        num_attempts=attempts, nodeid=nodeid, response=response,
+                        reception_protocol=proto, now=now)
+            for i, sender, rcpt, queue, size, created, attempts, proto in rows)
     metas: dict[str, bytes] = {}
     dumps = orjson.dumps
     out = []
-    for i, sender, rcpt, queue, size, created, attempts in rows:
+    for i, sender, rcpt, queue, size, created, attempts, proto in rows:
         m = metas.get(queue)
         if m is None:
             m = metas[queue] = dumps(meta.get(queue, {}))
         out.append(fill((dumps(i), dumps(sender), dumps(rcpt), dumps(queue), size, int(created),
-                         attempts, m)))
+                         attempts, m, dumps(_rfc3339(created)), dumps(proto))))
     return b"\n".join(out)
 
 
@@ -179,7 +257,7 @@ def expand(entry: bytes) -> bytes:
 # in the order ``fill`` takes them (see ``_admin_bounce_template``).
 _MARKS: tuple[Any, ...] = ("\x00id\x00", "\x00sender\x00", "\x00rcpt\x00", "\x00queue\x00",
                            -9007199254740001, -9007199254740002, -9007199254740003,
-                           {"\x00meta\x00": ""})
+                           {"\x00meta\x00": ""}, "\x00ctime\x00", "\x00proto\x00")
 
 
 def _admin_bounce_template(response: Response, nodeid: str,
@@ -194,10 +272,14 @@ def _admin_bounce_template(response: Response, nodeid: str,
     marker is not found exactly once (a reason that contains one): then
     ``make_record`` it is, record by record.
     """
-    mid, msender, mrcpt, mqueue, msize, mcreated, mattempts, mmeta = _MARKS
+    mid, msender, mrcpt, mqueue, msize, mcreated, mattempts, mmeta, mctime, mproto = _MARKS
     sample = make_record(ADMIN_BOUNCE, msg_id=mid, sender=msender, recipient=mrcpt, queue=mqueue,
-                         meta=mmeta, size=msize, created=mcreated, num_attempts=mattempts,
-                         nodeid=nodeid, response=response, now=now)
+                         meta=mmeta, size=msize, created=0, num_attempts=mattempts,
+                         nodeid=nodeid, response=response, reception_protocol=mproto, now=now)
+    # created and created_time are two views of one number: mark them apart.
+    rec = orjson.loads(sample)
+    rec["created"], rec["created_time"] = mcreated, mctime
+    sample = orjson.dumps(rec)
     found = []
     for k, value in enumerate(_MARKS):
         mark = b"%d" % value if isinstance(value, int) else orjson.dumps(value)

@@ -76,7 +76,7 @@ class Server:
         stats: Counter[str] = Counter()
         manager = QueueManager(settings, spool, rules, router, stats)
         control = RuleControl(spool, rules, manager.pack_admin_bounces, manager.purge_ready,
-                              manager.rules_changed, stats)
+                              manager.rules_changed, stats, manager.owned)
         intake = Intake(settings, spool, rules, manager.apply_received)
         self.services = Services(settings, spool, rules, control, manager, intake, stats)
         self.workers: WorkerPool | None = None

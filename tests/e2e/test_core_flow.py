@@ -26,7 +26,9 @@ def test_delivery_tempfail_retry_and_permfail(make_serve, sink, workers):
     assert rec["meta"] == {"tenant": "t1", "campaign": "c1"}
     assert rec["response"]["code"] == 250
     assert rec["site"] == f"127.0.0.1:{sink.port}"
-    assert rec["nodeid"] == "test"
+    assert rec["nodeid"] == (srv.data / "node_id").read_text().strip()
+    assert rec["session_id"] and rec["reception_protocol"] == "ESMTP"
+    assert rec["response"]["command"] == "."
 
     bounce = srv.by_recipient("Bounce")["permfail@example.com"]
     assert bounce["response"]["code"] == 550

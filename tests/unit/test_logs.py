@@ -17,7 +17,7 @@ from sluice.logs import (
 text = st.text(min_size=0, max_size=40)
 row = st.tuples(text, text, text, st.sampled_from(["a.com", "c1:t1@b.com", "ü%s@x.org"]),
                 st.integers(0, 10**9), st.floats(0, 4e9, allow_nan=False),
-                st.integers(0, 1000))
+                st.integers(0, 1000), st.sampled_from([None, "ESMTP", "HTTP", '"%s']))
 
 
 def one_by_one(entry: bytes) -> bytes:
@@ -27,8 +27,8 @@ def one_by_one(entry: bytes) -> bytes:
         make_record(ADMIN_BOUNCE, msg_id=i, sender=s, recipient=r, queue=q,
                     meta=batch["meta"].get(q, {}), size=size, created=created,
                     num_attempts=attempts, nodeid=batch["nodeid"], response=response,
-                    now=batch["now"])
-        for i, s, r, q, size, created, attempts in batch["rows"])
+                    reception_protocol=proto, now=batch["now"])
+        for i, s, r, q, size, created, attempts, proto in batch["rows"])
 
 
 @settings(max_examples=200, deadline=None)
@@ -44,8 +44,9 @@ def test_expansion_is_byte_for_byte_make_record(rows, reason, nodeid):
 
 
 def test_reason_that_looks_like_a_marker_still_expands_right():
-    rows = [("id1", "s@x", "r@y", "a.com", 10, 1.5, 1)]
-    for reason in ["-9007199254740001", "\x00id\x00", "%d %s %%", '"quoted" \\ back']:
+    rows = [("id1", "s@x", "r@y", "a.com", 10, 1.5, 1, "ESMTP")]
+    for reason in ["-9007199254740001", "\x00id\x00", "\x00ctime\x00", "%d %s %%",
+                   '"quoted" \\ back']:
         entry = pack_admin_bounces(rows, reason, "node", {})
         assert expand(entry) == one_by_one(entry)
         assert orjson.loads(expand(entry))["response"]["content"].endswith(reason)
@@ -54,3 +55,12 @@ def test_reason_that_looks_like_a_marker_still_expands_right():
 def test_unpacked_entries_pass_through():
     rec = b'{"type":"Delivery"}'
     assert expand(rec) == rec
+
+
+def test_packed_batches_of_an_older_spool_still_expand():
+    """Outbox rows written before rows carried the reception protocol."""
+    entry = b"\x00AB1" + orjson.dumps({"reason": "r", "nodeid": "n", "now": 5.0, "meta": {},
+                                        "rows": [["id1", "s@x", "r@y", "a.com", 10, 1.5, 1]]})
+    rec = orjson.loads(expand(entry))
+    assert (rec["id"], rec["reception_protocol"], rec["created_time"]) == (
+        "id1", None, "1970-01-01T00:00:01.500000Z")

@@ -328,7 +328,7 @@ def make_control():
 
     control = RuleControl(spool, book, pack_bounces=lambda m, r: None,
                           purge_ready=purge_ready, rules_changed=rules_changed,
-                          stats=Counter())
+                          stats=Counter(), owned=set())
     return control, spool, book, purged, changed
 
 

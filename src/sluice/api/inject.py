@@ -46,9 +46,9 @@ async def inject(req: InjectRequest, request: Request, svc=Depends(services)) ->
             errors.append(f"{rcpt.email}: message size exceeds fixed maximum message size")
             continue
         bodies.setdefault(body, []).append(rcpt.email)
-    peer = request.client.host if request.client else ""
+    peer = ("", request.client.host) if request.client and request.client.host else None
     await asyncio.gather(*(
-        svc.intake.accept(body, req.envelope_sender, rcpts, protocol="HTTP", peer=("", peer),
+        svc.intake.accept(body, req.envelope_sender, rcpts, protocol="HTTP", peer=peer,
                           session_id=None)
         for body, rcpts in bodies.items()))
     ok = sum(len(r) for r in bodies.values())

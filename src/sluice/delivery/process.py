@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
-from ..ipc import Channel, ChannelClosed, spawn, started
+from ..ipc import Channel, ChannelClosed, RemoteError, spawn, started
+from ..logs import Attempt
 from ..message import QueueName
 from ..rules.store import BOUNCE, SUSPEND, RuleBook
 from ..spool import Stored
@@ -115,7 +116,7 @@ class DeliveryProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         if self._up and self.channel is not None:
-            with contextlib.suppress(ChannelClosed, TimeoutError):
+            with contextlib.suppress(ChannelClosed, TimeoutError, RemoteError):
                 await self.channel.call({"type": "stop", "grace": grace}, timeout=grace + 5.0)
         self._up = False
         if self.channel is not None:
@@ -150,16 +151,22 @@ class DeliveryProcess:
         batch, self._pending = self._pending, []
         queues = {m.queue: [p.domain, p.campaign, p.tenant, p.routing_domain] for m, p in batch}
         msgs = [[m.id, m.queue, m.sender, m.recipient, m.body_id, m.size, m.created, m.due,
-                 m.attempts] for m, _ in batch]
-        self._call({"type": "dispatch", "queues": queues, "msgs": msgs})
+                 m.attempts, m.protocol] for m, _ in batch]
+        self._call({"type": "dispatch", "queues": queues, "msgs": msgs}, [m for m, _ in batch])
 
-    def _call(self, msg: dict[str, Any]) -> None:
-        """Send without waiting for the answer (a lost process is the watcher's business)."""
+    def _call(self, msg: dict[str, Any], batch: list[Stored]) -> None:
+        """Send without waiting for the answer (a lost process is the watcher's
+        business); a batch the process refused goes back to its queues."""
         assert self.channel is not None
 
         async def call(channel: Channel) -> None:
-            with contextlib.suppress(ChannelClosed, TimeoutError):
+            try:
                 await channel.call(msg)
+            except (ChannelClosed, TimeoutError):
+                pass
+            except RemoteError:
+                lost = [m for m in batch if self.out.pop(m.id, None) is not None]
+                await self.manager.requeue(lost)
 
         task = asyncio.create_task(call(self.channel))
         self._calls.add(task)
@@ -190,7 +197,7 @@ class DeliveryProcess:
             return  # not up: it gets the rules before it gets any message
         try:
             await self.channel.call(self._rules_message(), timeout=RULES_TIMEOUT)
-        except (ChannelClosed, TimeoutError):
+        except (ChannelClosed, TimeoutError, RemoteError):
             log.error("the delivery process did not take the new rules; restarting it")
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
@@ -201,7 +208,7 @@ class DeliveryProcess:
             return {}
         try:
             return await self.channel.call({"type": "figures"}, timeout=5.0)
-        except (ChannelClosed, TimeoutError):
+        except (ChannelClosed, TimeoutError, RemoteError):
             return {}
 
     # -- fates -------------------------------------------------------------
@@ -217,12 +224,11 @@ class DeliveryProcess:
             return True
         resp = response_from_wire(msg["response"])
         assert resp is not None
-        peer = tuple(msg["peer"]) if msg["peer"] else None
-        site = msg["site"]
+        attempt = Attempt.from_wire(msg["attempt"])
         if kind == "delivered":
-            await m.delivered(stored, resp, site, peer)
+            await m.delivered(stored, resp, attempt)
         elif kind == "bounced":
-            await m.bounced(stored, resp, site, peer)
+            await m.bounced(stored, resp, attempt)
         else:
-            await m.attempt_failed(stored, resp, site, peer, count_attempt=msg["count_attempt"])
+            await m.attempt_failed(stored, resp, attempt, count_attempt=msg["count_attempt"])
         return True

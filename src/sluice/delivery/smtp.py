@@ -2,16 +2,22 @@
 
 STARTTLS is used whenever the peer offers it, without certificate checks
 (opportunistic TLS, RFC 7435). ``send`` calls ``may_send`` right before DATA:
-the last chance for a bounce or suspend rule to stop the message.
+the last chance for a bounce or suspend rule to stop the message. A message
+whose envelope needs SMTPUTF8 (a non-ASCII local part) goes with SMTPUTF8
+when the peer offers it, else it fails permanently with 5.6.7 (RFC 6531);
+an internationalized domain alone is sent in its ASCII (A-label) form.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import aiosmtplib
+from cryptography import x509
 
-from ..logs import Response, parse_enhanced
+from ..logs import Attempt, Response, Tls, parse_enhanced
+from ..message import AddressError, normalize_domain
 
 
 class DeliveryError(Exception):
@@ -36,18 +42,57 @@ def _response(code: int, message: str, command: str | None) -> Response:
     return Response(code, text, enhanced, command)
 
 
+def _tls_of(smtp: aiosmtplib.SMTP) -> Tls | None:
+    """The TLS a connection uses (None in plain text), with the peer
+    certificate's subject as KumoMTA logs it (``["C=US", ..., "CN=mx..."]``)."""
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    subject = None
+    der = ssl_object.getpeercert(binary_form=True)
+    if der:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            subject = tuple(attr.rfc4514_string() for attr in cert.subject)
+        except ValueError:
+            subject = None
+    return Tls(cipher[0] if cipher else "", ssl_object.version() or "", subject)
+
+
+def _ascii_path(address: str) -> str | None:
+    """``address`` as an ASCII path: an internationalized domain in its
+    A-label form; None when the local part itself is not ASCII (that needs
+    SMTPUTF8, RFC 6531)."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{normalize_domain(domain)}"
+    except AddressError:
+        return None
+
+
 class Connection:
     def __init__(self, helo: str, connect_timeout: float, command_timeout: float) -> None:
         self._helo = helo
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._smtp: aiosmtplib.SMTP | None = None
-        self.peer: tuple[str, str] = ("", "")
+        self.peer: tuple[str, str] | None = None
+        self.session_id: str | None = None
+        self.tls: Tls | None = None
         self.sent = 0
 
     @property
     def is_open(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected
+
+    def attempt(self, site: str) -> Attempt:
+        """What the records of an attempt on this connection say about it."""
+        return Attempt(site, self.peer, self.session_id, self.tls)
 
     async def open(self, hosts: tuple[tuple[str, int], ...]) -> None:
         """Connect to the first host that answers; DeliveryError if none does."""
@@ -68,8 +113,10 @@ class Connection:
                                 "connect")
                 continue
             self._smtp = smtp
-            addr = smtp.transport.get_extra_info("peername") if smtp.transport else None
-            self.peer = (host, str(addr[0]) if addr else host)
+            addr = smtp.get_transport_info("peername")
+            self.peer = (host, str(addr[0])) if addr else None
+            self.session_id = str(uuid.uuid4())
+            self.tls = _tls_of(smtp)
             return
         raise DeliveryError(last, connection_ok=False)
 
@@ -81,23 +128,33 @@ class Connection:
         options = []
         if not body.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
-        if not (sender.isascii() and recipient.isascii()) and smtp.supports_extension("smtputf8"):
+        encoding = "ascii"
+        ascii_sender, ascii_rcpt = _ascii_path(sender), _ascii_path(recipient)
+        if ascii_sender is None or ascii_rcpt is None:
+            if not smtp.supports_extension("smtputf8"):
+                which = "recipient" if ascii_rcpt is None else "sender"
+                raise DeliveryError(Response(
+                    553, f"the {which} address is not ASCII and the destination does not "
+                    "offer SMTPUTF8 (RFC 6531)", (5, 6, 7), "MAIL FROM"), connection_ok=True)
             options.append("SMTPUTF8")
+            encoding = "utf-8"
+        else:
+            sender, recipient = ascii_sender, ascii_rcpt
         command = "MAIL FROM"
         try:
-            await smtp.mail(sender, options=options)
+            await smtp.mail(sender, options=options, encoding=encoding)
             command = "RCPT TO"
-            await smtp.rcpt(recipient)
+            await smtp.rcpt(recipient, encoding=encoding)
             if not may_send():
                 command = "RSET"
                 await smtp.rset()
                 raise Stopped()
-            command = "DATA"
+            command = "."
             resp = await smtp.data(body)
         except Stopped:
             raise
         except aiosmtplib.SMTPResponseException as exc:
-            if command != "DATA":
+            if command != ".":
                 try:
                     await smtp.rset()
                     ok = True
@@ -111,7 +168,7 @@ class Connection:
             raise DeliveryError(Response(451, f"connection lost during {command}: {exc}",
                                          (4, 4, 2), command), connection_ok=False) from None
         self.sent += 1
-        return _response(resp.code, resp.message, "DATA")
+        return _response(resp.code, resp.message, ".")
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Settings
 from ..ipc import Channel, child_main
-from ..logs import Response
+from ..logs import NO_ATTEMPT, Attempt, Response
 from ..message import QueueName
 from ..queues.dispatch import Dispatcher, Outcomes
 from ..rules.store import RuleBook
@@ -65,27 +65,25 @@ class Upstream(Outcomes):
     async def dispose_stopped(self, msg: Stored) -> None:
         await self._tell("stopped", msg)
 
-    async def delivered(self, msg: Stored, resp: Response, site: str,
-                        peer: tuple[str, str] | None) -> None:
-        await self._tell("delivered", msg, resp, site, peer)
+    async def delivered(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
+        await self._tell("delivered", msg, resp, attempt)
 
-    async def bounced(self, msg: Stored, resp: Response, site: str,
-                      peer: tuple[str, str] | None) -> None:
-        await self._tell("bounced", msg, resp, site, peer)
+    async def bounced(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
+        await self._tell("bounced", msg, resp, attempt)
 
-    async def attempt_failed(self, msg: Stored, resp: Response, site: str,
-                             peer: tuple[str, str] | None, count_attempt: bool = True) -> None:
-        await self._tell("failed", msg, resp, site, peer, count_attempt)
+    async def attempt_failed(self, msg: Stored, resp: Response, attempt: Attempt,
+                             count_attempt: bool = True) -> None:
+        await self._tell("failed", msg, resp, attempt, count_attempt)
 
     async def load_body(self, body_id: int) -> bytes:
         return await self._reader.load_body(body_id)
 
-    async def _tell(self, kind: str, msg: Stored, resp: Response | None = None, site: str = "",
-                    peer: tuple[str, str] | None = None, count_attempt: bool = True) -> None:
+    async def _tell(self, kind: str, msg: Stored, resp: Response | None = None,
+                    attempt: Attempt = NO_ATTEMPT, count_attempt: bool = True) -> None:
         assert self.channel is not None
         await self.channel.call({"type": "outcome", "kind": kind, "id": msg.id,
-                                 "response": response_to_wire(resp), "site": site,
-                                 "peer": peer, "count_attempt": count_attempt})
+                                 "response": response_to_wire(resp),
+                                 "attempt": attempt.to_wire(), "count_attempt": count_attempt})
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:

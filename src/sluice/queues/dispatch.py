@@ -10,16 +10,19 @@ passes the fates to the main process's queue manager.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
 from ..config import Settings
 from ..delivery.mx import DnsFailure
 from ..delivery.routes import Router
-from ..logs import Response
+from ..logs import NO_ATTEMPT, Attempt, Response, internal_error
 from ..message import QueueName
 from ..spool import Stored
 from .ready import Site
+
+log = logging.getLogger(__name__)
 
 
 class Outcomes(Protocol):
@@ -39,14 +42,12 @@ class Outcomes(Protocol):
 
     async def dispose_stopped(self, msg: Stored) -> None: ...
 
-    async def delivered(self, msg: Stored, resp: Response, site: str,
-                        peer: tuple[str, str] | None) -> None: ...
+    async def delivered(self, msg: Stored, resp: Response, attempt: Attempt) -> None: ...
 
-    async def bounced(self, msg: Stored, resp: Response, site: str,
-                      peer: tuple[str, str] | None) -> None: ...
+    async def bounced(self, msg: Stored, resp: Response, attempt: Attempt) -> None: ...
 
-    async def attempt_failed(self, msg: Stored, resp: Response, site: str,
-                             peer: tuple[str, str] | None, count_attempt: bool = True) -> None: ...
+    async def attempt_failed(self, msg: Stored, resp: Response, attempt: Attempt,
+                             count_attempt: bool = True) -> None: ...
 
     async def load_body(self, body_id: int) -> bytes: ...
 
@@ -81,10 +82,15 @@ class Dispatcher:
             hop = await self.router.next_hop(parts.domain, parts.routing_domain)
         except DnsFailure as exc:
             if exc.permanent:
-                await self.outcomes.bounced(msg, exc.response, "", None)
+                await self.outcomes.bounced(msg, exc.response, NO_ATTEMPT)
             else:
-                await self.outcomes.attempt_failed(msg, exc.response, "", None,
+                await self.outcomes.attempt_failed(msg, exc.response, NO_ATTEMPT,
                                                    count_attempt=False)
+            return
+        except Exception as exc:
+            log.exception("routing %s failed", msg.id)
+            await self.outcomes.attempt_failed(msg, internal_error(exc, "routing"), NO_ATTEMPT,
+                                               count_attempt=False)
             return
         site = self.sites.get(hop.site)
         if site is None:

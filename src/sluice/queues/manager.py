@@ -5,6 +5,14 @@ does not grow with the spool), checks the rules, resolves each message's
 next hop and hands it to that site's ready queue. Every outcome of an
 attempt comes back here and becomes exactly one spool change with its log
 records: delivered, bounced, failed (retry or expire) or admin-bounced.
+
+``owned`` holds the ids of the claimed messages that this process is
+responsible for (the spool adds an id in the same step that claims it; it
+leaves when its fate is recorded, or when recording it failed). A claimed
+message that nobody owns lost its way through a bug or a failed write: the
+reaper gives it a TransientFailure record and a retry (or its admin bounce,
+when a bounce rule matches it), and a bounce sweep removes it like any
+other matching message.
 """
 
 from __future__ import annotations
@@ -22,14 +30,18 @@ from ..logs import (
     BOUNCE,
     DELIVERY,
     EXPIRATION,
+    NO_ATTEMPT,
     RECEPTION,
     TRANSIENT_FAILURE,
+    Attempt,
     Response,
     admin_bounce_response,
+    internal_error,
     make_record,
     pack_admin_bounces,
 )
 from ..message import QueueName, parse_queue_name
+from ..node import node_id
 from ..rules.store import SUSPEND, Rule, RuleBook
 from ..spool import SqliteSpool, Stored
 from .dispatch import Delivery, Dispatcher, Outcomes
@@ -44,6 +56,7 @@ class QueueManager(Outcomes):
     MAX_IN_MEMORY = 5000
     CLAIM_BATCH = 500
     POLL_SECONDS = 1.0
+    REAP_SECONDS = 10.0
 
     def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
                  router: Router, stats: Counter[str]) -> None:
@@ -54,11 +67,17 @@ class QueueManager(Outcomes):
         # Where promoted mail goes: sites in this process, or the delivery
         # process (the server replaces this one).
         self.delivery: Delivery = Dispatcher(settings, router, self)
-        self.in_memory = 0
+        self.nodeid = node_id(settings.data_path)
+        self.owned: set[str] = set()
         self._wake = asyncio.Event()
         self._holds_stale = True
         self._task: asyncio.Task | None = None
+        self._reaper: asyncio.Task | None = None
         self._stopping = False
+
+    @property
+    def in_memory(self) -> int:
+        return len(self.owned)
 
     # -- helpers -----------------------------------------------------------
 
@@ -66,13 +85,15 @@ class QueueManager(Outcomes):
         p = self.spool.parts.get(queue)
         return p if p is not None else parse_queue_name(queue)
 
-    def record(self, kind: str, msg: Stored, response: Response, site: str = "",
-               peer: tuple[str, str] | None = None) -> bytes:
+    def record(self, kind: str, msg: Stored, response: Response,
+               attempt: Attempt = NO_ATTEMPT) -> bytes:
         return make_record(kind, msg_id=msg.id, sender=msg.sender, recipient=msg.recipient,
                            queue=msg.queue, meta=self.meta(msg.queue), size=msg.size,
                            created=msg.created, num_attempts=msg.attempts,
-                           nodeid=self.settings.server.node_name, response=response, site=site,
-                           peer=peer, delivery_protocol="ESMTP" if kind in _DELIVERY_KINDS else None)
+                           nodeid=self.nodeid, response=response, site=attempt.site,
+                           peer=attempt.peer, reception_protocol=msg.protocol,
+                           delivery_protocol="ESMTP" if kind in _DELIVERY_KINDS else None,
+                           session_id=attempt.session_id, tls=attempt.tls)
 
     def meta(self, queue: str) -> dict[str, str]:
         return self.parts(queue).meta()
@@ -86,8 +107,9 @@ class QueueManager(Outcomes):
         """The AdminBounce records of a sweep chunk, packed (see logs.PACKED)."""
         if rule.suppress_logging:
             return None
-        rows = [(m.id, m.sender, m.recipient, m.queue, m.size, m.created, m.attempts) for m in msgs]
-        return pack_admin_bounces(rows, rule.reason, self.settings.server.node_name,
+        rows = [(m.id, m.sender, m.recipient, m.queue, m.size, m.created, m.attempts, m.protocol)
+                for m in msgs]
+        return pack_admin_bounces(rows, rule.reason, self.nodeid,
                                   {q: self.meta(q) for q in {m.queue for m in msgs}})
 
     async def apply_received(self, summary: dict) -> None:
@@ -127,6 +149,7 @@ class QueueManager(Outcomes):
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="queue-manager")
+        self._reaper = asyncio.create_task(self._reap_loop(), name="orphan-reaper")
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -163,13 +186,24 @@ class QueueManager(Outcomes):
         room = min(self.CLAIM_BATCH, self.MAX_IN_MEMORY - self.in_memory)
         if room <= 0:
             return 0
-        rows = await self.spool.claim_due(time.time(), room)
-        self.in_memory += len(rows)
+        rows = await self.spool.claim_due(time.time(), room, self.owned)
         if rows:
             await asyncio.gather(*(self._route(m) for m in rows))
         return len(rows)
 
     async def _route(self, msg: Stored) -> None:
+        try:
+            await self._route_one(msg)
+        except Exception as exc:
+            log.exception("promoting %s failed", msg.id)
+            try:
+                await self.attempt_failed(msg, internal_error(exc, "promotion"), NO_ATTEMPT,
+                                          count_attempt=False)
+            except Exception:
+                log.exception("recording the failure of %s failed; the reaper retries it",
+                              msg.id)
+
+    async def _route_one(self, msg: Stored) -> None:
         parts = self.parts(msg.queue)
         qs = self.settings.queue_settings_for(parts.domain)
         if time.time() >= expires_at(msg.created, qs):
@@ -195,10 +229,12 @@ class QueueManager(Outcomes):
             await self.admin_bounce(msg, rule)
         else:
             held = self.rules.suspended(msg.queue, self.parts(msg.queue)) is not None
-            await self.spool.release([msg.id], held=held)
+            try:
+                await self.spool.release([msg.id], held=held)
+            finally:
+                self.owned.discard(msg.id)
             if held:
                 self.spool.held.add(msg.queue)
-            self.in_memory -= 1
 
     async def admin_bounce(self, msg: Stored, rule: Rule, extra: list[bytes] | None = None) -> None:
         rec = self.admin_bounce_record(msg, rule)
@@ -217,28 +253,28 @@ class QueueManager(Outcomes):
 
     async def _finish(self, msg: Stored, records: list[bytes], kind: str,
                       rule_id: str | None = None) -> bool:
-        self.in_memory -= 1
-        done = await self.spool.finish(msg, records, rule_id)
+        try:
+            done = await self.spool.finish(msg, records, rule_id)
+        finally:
+            self.owned.discard(msg.id)
         if done:
             self.stats[kind] += 1
         return done
 
-    async def delivered(self, msg: Stored, resp: Response, site: str,
-                        peer: tuple[str, str] | None) -> None:
+    async def delivered(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
         msg.attempts += 1
-        await self._finish(msg, [self.record(DELIVERY, msg, resp, site, peer)], DELIVERY)
+        await self._finish(msg, [self.record(DELIVERY, msg, resp, attempt)], DELIVERY)
 
-    async def bounced(self, msg: Stored, resp: Response, site: str,
-                      peer: tuple[str, str] | None) -> None:
+    async def bounced(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
         msg.attempts += 1
-        await self._finish(msg, [self.record(BOUNCE, msg, resp, site, peer)], BOUNCE)
+        await self._finish(msg, [self.record(BOUNCE, msg, resp, attempt)], BOUNCE)
 
-    async def attempt_failed(self, msg: Stored, resp: Response, site: str,
-                             peer: tuple[str, str] | None, count_attempt: bool = True) -> None:
+    async def attempt_failed(self, msg: Stored, resp: Response, attempt: Attempt,
+                             count_attempt: bool = True) -> None:
         """A transient failure: retry later, unless a bounce rule now applies."""
         if count_attempt:
             msg.attempts += 1
-        records = [self.record(TRANSIENT_FAILURE, msg, resp, site, peer)]
+        records = [self.record(TRANSIENT_FAILURE, msg, resp, attempt)]
         self.stats[TRANSIENT_FAILURE] += 1
         parts = self.parts(msg.queue)
         rule = self.rules.bounce_for(msg.queue, parts)
@@ -247,14 +283,39 @@ class QueueManager(Outcomes):
             return
         qs = self.settings.queue_settings_for(parts.domain)
         due = next_due(time.time(), msg.created, max(1, msg.attempts), qs)
-        self.in_memory -= 1
-        await self.spool.retry(msg, due, records)
+        try:
+            await self.spool.retry(msg, due, records)
+        finally:
+            self.owned.discard(msg.id)
 
     async def requeue(self, msgs: list[Stored]) -> None:
         """Put back messages whose attempt was lost with the delivery process."""
         if msgs:
-            await self.spool.release([m.id for m in msgs])
-            self.in_memory -= len(msgs)
+            try:
+                await self.spool.release([m.id for m in msgs])
+            finally:
+                self.owned.difference_update(m.id for m in msgs)
+
+    # -- orphans -----------------------------------------------------------
+
+    async def _reap_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.REAP_SECONDS)
+            try:
+                await self.reap_orphans()
+            except Exception:
+                log.exception("reclaiming orphaned messages failed")
+
+    async def reap_orphans(self) -> int:
+        """Give every claimed message that nobody owns a record and a way forward."""
+        orphans = await self.spool.adopt_orphans(self.owned)
+        for msg in orphans:
+            log.error("message %s was claimed but had no delivery under way; retrying it",
+                      msg.id)
+            await self.attempt_failed(msg, Response(
+                451, "delivery attempt lost (internal error); retrying", (4, 3, 0)),
+                NO_ATTEMPT, count_attempt=False)
+        return len(orphans)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -262,10 +323,13 @@ class QueueManager(Outcomes):
         """Stop promoting, let sends under way finish, put the rest back."""
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         left = [m.id for m in await self.delivery.stop(grace)]
-        await self.spool.release(left)
-        self.in_memory -= len(left)
+        try:
+            await self.spool.release(left)
+        finally:
+            self.owned.difference_update(left)

@@ -3,23 +3,30 @@
 A site's ready queue holds the few messages promoted for it (in memory, in
 order). Each connection task takes the next message, asks its ``Outcomes``
 whether it may still go (rules can change at any moment), and sends it over
-a connection it keeps open for the following messages.
+a connection it keeps open for the following messages. Whatever goes wrong
+while a message is in flight, it leaves with an outcome: delivered, bounced,
+stopped by a rule, or failed (a TransientFailure and a retry), an unexpected
+exception included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..delivery.routes import NextHop
 from ..delivery.smtp import Connection, DeliveryError, Stopped
+from ..logs import Attempt, internal_error
 from ..spool import Stored
 
 if TYPE_CHECKING:
     from .dispatch import Outcomes
+
+log = logging.getLogger(__name__)
 
 
 class Site:
@@ -83,32 +90,26 @@ class Site:
 
     async def _run(self) -> None:
         m = self.outcomes
-        conn = Connection(m.settings.smtp.hostname, m.settings.delivery.connect_timeout,
-                          m.settings.delivery.command_timeout)
+        conn = self._connection()
         try:
             while not self._stopping:
                 msg = await self._next()
                 if msg is None:
                     break
                 self.in_flight[msg.id] = msg
-                if not await m.may_dispatch(msg):
-                    self.in_flight.pop(msg.id, None)
-                    continue
-                if not conn.is_open or conn.sent >= self.per_connection:
+                try:
+                    conn = await self._handle(conn, msg)
+                except Exception as exc:
+                    # Whatever went wrong, the message gets a record and a retry.
+                    log.exception("delivering %s to %s failed", msg.id, self.name)
                     await conn.close()
-                    conn = Connection(m.settings.smtp.hostname, m.settings.delivery.connect_timeout,
-                                      m.settings.delivery.command_timeout)
-                    try:
-                        await conn.open(self.hop.hosts)
-                    except DeliveryError as exc:
-                        # The site is unreachable: everything waiting for it fails now.
-                        self.in_flight.pop(msg.id, None)
-                        failing = [msg, *self.take(lambda _: True)]
-                        self.failed += len(failing)
-                        for f in failing:
-                            await m.attempt_failed(f, exc.response, self.name, None)
-                        continue
-                await self._send(conn, msg)
+                    if self.in_flight.pop(msg.id, None) is not None:
+                        self.failed += 1
+                        try:
+                            await m.attempt_failed(msg, internal_error(exc, "delivery"),
+                                                   conn.attempt(self.name))
+                        except Exception:  # the queue side reclaims it (orphan)
+                            log.exception("recording the failure of %s failed", msg.id)
         finally:
             self.connections -= 1
             await conn.close()
@@ -119,29 +120,58 @@ class Site:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    def _connection(self) -> Connection:
+        d = self.outcomes.settings.delivery
+        return Connection(self.outcomes.settings.smtp.hostname, d.connect_timeout,
+                          d.command_timeout)
+
+    async def _handle(self, conn: Connection, msg: Stored) -> Connection:
+        """Send ``msg`` (in flight) over ``conn`` or a new connection; returns the
+        connection to use next."""
+        m = self.outcomes
+        if not await m.may_dispatch(msg):
+            self.in_flight.pop(msg.id, None)
+            return conn
+        if not conn.is_open or conn.sent >= self.per_connection:
+            await conn.close()
+            conn = self._connection()
+            try:
+                await conn.open(self.hop.hosts)
+            except DeliveryError as exc:
+                # The site is unreachable: everything waiting for it fails now.
+                self.in_flight.pop(msg.id, None)
+                failing = [msg, *self.take(lambda _: True)]
+                self.failed += len(failing)
+                for f in failing:
+                    await m.attempt_failed(f, exc.response, Attempt(self.name))
+                return conn
+        await self._send(conn, msg)
+        return conn
+
     async def _send(self, conn: Connection, msg: Stored) -> None:
         m = self.outcomes
+        body = await m.load_body(msg.body_id)
         try:
-            body = await m.load_body(msg.body_id)
-            try:
-                resp = await conn.send(msg.sender, msg.recipient, body,
-                                       lambda: m.may_send_data(msg))
-            except Stopped:
-                await m.dispose_stopped(msg)
-                return
-            except DeliveryError as exc:
-                self.failed += 1
-                if exc.permanent:
-                    await m.bounced(msg, exc.response, self.name, conn.peer)
-                else:
-                    await m.attempt_failed(msg, exc.response, self.name, conn.peer)
-                if not exc.connection_ok:
-                    await conn.close()
-                return
-            self.delivered += 1
-            await m.delivered(msg, resp, self.name, conn.peer)
-        finally:
+            resp = await conn.send(msg.sender, msg.recipient, body,
+                                   lambda: m.may_send_data(msg))
+        except Stopped:
             self.in_flight.pop(msg.id, None)
+            await m.dispose_stopped(msg)
+            return
+        except DeliveryError as exc:
+            self.in_flight.pop(msg.id, None)
+            self.failed += 1
+            attempt = conn.attempt(self.name)
+            if not exc.connection_ok:
+                await conn.close()
+            if exc.permanent:
+                await m.bounced(msg, exc.response, attempt)
+            else:
+                await m.attempt_failed(msg, exc.response, attempt)
+            return
+        self.in_flight.pop(msg.id, None)
+        self.delivered += 1
+        await m.delivered(msg, resp, conn.attempt(self.name))
 
     async def stop(self, grace: float) -> list[Stored]:
         """Stop taking messages; wait up to ``grace`` s for sends under way.

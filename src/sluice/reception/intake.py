@@ -17,6 +17,7 @@ from typing import Any
 from ..config import Settings
 from ..logs import ADMIN_BOUNCE, RECEPTION, Response, admin_bounce_response, make_record
 from ..message import Meta, normalize_label, queue_for, split_address
+from ..node import node_id
 from ..rules.store import RuleBook
 from ..spool import Inbound, SqliteSpool, new_message_id
 
@@ -89,6 +90,7 @@ class Intake:
         self.spool = spool
         self.rules = rules
         self.report = report
+        self.nodeid = node_id(settings.data_path)
 
     def meta_for(self, body: bytes, domain: str) -> Meta:
         s = self.settings.smtp
@@ -105,7 +107,9 @@ class Intake:
                      peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
         """Store one message per recipient; returns once durable."""
         now = time.time()
-        node = self.settings.server.node_name
+        node = self.nodeid
+        # The reply that acknowledges the message: to the end of DATA (".") in SMTP.
+        ack = Response(250, "OK", (2, 0, 0), None if protocol == "HTTP" else ".")
         items: list[Inbound] = []
         bounced = 0
         meta_cache: dict[str, Meta] = {}
@@ -120,10 +124,9 @@ class Intake:
             common = dict(msg_id=msg_id, sender=sender, recipient=rcpt, queue=name,
                           meta=meta.as_dict(), size=len(body), created=now, nodeid=node,
                           peer=peer, reception_protocol=protocol, session_id=session_id, now=now)
-            records = [make_record(RECEPTION, num_attempts=0,
-                                   response=Response(250, "OK", (2, 0, 0), "DATA"), **common)]
+            records = [make_record(RECEPTION, num_attempts=0, response=ack, **common)]
             item = Inbound(id=msg_id, queue=queue, sender=sender, recipient=rcpt, created=now,
-                           records=records)
+                           protocol=protocol, records=records)
             rule = self.rules.bounce_for(name, queue)
             if rule is not None:
                 item.terminal = True

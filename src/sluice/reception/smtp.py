@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import re
+import time
 import uuid
 import weakref
 from email.utils import formatdate
@@ -24,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail
 from ..config import IPNetwork, Settings, host_in
 from ..logs import REJECTION, Response, make_record
 from ..message import AddressError, split_address
+from ..node import node_id
 from .intake import Intake
 
 if TYPE_CHECKING:
@@ -202,6 +204,7 @@ class ReceptionHandler:
         self.settings = settings
         self.intake = intake
         self.relay: list[IPNetwork] = settings.smtp.relay_networks()
+        self.nodeid = node_id(settings.data_path)
         # aiosmtpd's hook table, built once for every session
         self.hooks = {m[7:]: getattr(self, m) for m in dir(self) if m.startswith("handle_")}
 
@@ -251,9 +254,10 @@ class ReceptionHandler:
                              response: Response) -> None:
         peer = session.peer if isinstance(session.peer, tuple) else ("", "")
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        now = time.time()
         rec = make_record(REJECTION, msg_id="", sender=sender, recipient=rcpt,
-                          queue="", meta={}, size=0, created=0, num_attempts=0,
-                          nodeid=self.settings.server.node_name, response=response,
+                          queue="", meta={}, size=0, created=now, num_attempts=0,
+                          nodeid=self.nodeid, response=response, now=now,
                           peer=(session.host_name or "", str(peer[0])),
                           reception_protocol=_protocol(session),
                           session_id=getattr(session, "sluice_id", None))

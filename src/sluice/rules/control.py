@@ -31,8 +31,10 @@ class RuleControl:
     def __init__(self, spool: SqliteSpool, book: RuleBook,
                  pack_bounces: Callable[[list[Stored], Rule], bytes | None],
                  purge_ready: Callable[[Rule], object],
-                 rules_changed: Callable[[], Awaitable[None]], stats: Counter[str]) -> None:
+                 rules_changed: Callable[[], Awaitable[None]], stats: Counter[str],
+                 owned: set[str]) -> None:
         self.spool = spool
+        self.owned = owned  # claimed messages on their way to a destination
         self.stats = stats
         self.book = book
         self._pack_bounces = pack_bounces
@@ -115,7 +117,8 @@ class RuleControl:
                 matching = self.matching_queues(rule.criteria)
                 if not matching:
                     return
-                removed = await self.spool.sweep(list(matching), SWEEP_CHUNK, pack, rule.id)
+                removed = await self.spool.sweep(list(matching), SWEEP_CHUNK, pack, rule.id,
+                                                 self.owned)
                 if not removed:
                     return
                 for q, n in removed.items():

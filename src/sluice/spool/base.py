@@ -41,6 +41,7 @@ class Inbound:
     sender: str
     recipient: str
     created: float
+    protocol: str | None = None  # how it was received (ESMTP, SMTP, HTTP)
     records: list[bytes] = field(default_factory=list)
     terminal: bool = False
     rule_id: str | None = None
@@ -60,6 +61,7 @@ class Stored:
     created: float
     due: float
     attempts: int
+    protocol: str | None = None  # how it was received: the records' reception_protocol
 
 
 # Makes the outbox entry for a chunk of admin-bounced messages (None: no records).
@@ -80,8 +82,12 @@ class Spool(Protocol):
     async def receive(self, body: bytes, items: list[Inbound]) -> None:
         """Store the body once and every non-terminal item; commit with fsync."""
 
-    async def claim_due(self, now: float, limit: int) -> list[Stored]:
-        """Mark up to ``limit`` due, not held messages as being delivered; return them."""
+    async def claim_due(self, now: float, limit: int, owned: set[str]) -> list[Stored]:
+        """Mark up to ``limit`` due, not held messages as being delivered; return them
+        (their ids join ``owned`` in the same step)."""
+
+    async def adopt_orphans(self, owned: set[str]) -> list[Stored]:
+        """Claimed messages not in ``owned``: they join it and are returned."""
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
         """Remove a claimed message for good, writing its terminal record."""
@@ -99,8 +105,9 @@ class Spool(Protocol):
         """End a suspension of ``queues``."""
 
     async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
-                    rule_id: str) -> dict[str, int]:
-        """Remove up to ``limit`` scheduled or held messages of ``queues``; per-queue counts."""
+                    rule_id: str, owned: Collection[str] = ()) -> dict[str, int]:
+        """Remove up to ``limit`` messages of ``queues`` but those in ``owned``
+        (being delivered); per-queue counts."""
 
     async def collect_bodies(self, limit: int = 1000) -> int:
         """Release the bodies of removed messages; returns how many were looked at."""

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL NOT NULL,
     due REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    state INTEGER NOT NULL DEFAULT 0
+    state INTEGER NOT NULL DEFAULT 0,
+    protocol TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_queue_due ON messages(queue, due);
 CREATE INDEX IF NOT EXISTS messages_scheduled_due ON messages(due) WHERE state = 0;
@@ -85,7 +86,7 @@ CREATE TABLE IF NOT EXISTS rule_counts (
 ) WITHOUT ROWID;
 """
 
-_COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts"
+_COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
 
 Op = Callable[[sqlite3.Connection], Any]
 
@@ -273,6 +274,9 @@ class SqliteSpool:
         conn = _connect(self.path)
         try:
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            if "protocol" not in columns:  # a spool made before the column existed
+                conn.execute("ALTER TABLE messages ADD COLUMN protocol TEXT")
             # Messages claimed by a previous run were never finished: at least
             # once delivery means they go back to their scheduled queue. Held
             # ones too: holds are recomputed from the rules once they are loaded.
@@ -358,9 +362,9 @@ class SqliteSpool:
                         self.parts[name] = q
                 conn.executemany(
                     "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due,"
-                    " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " state, protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(i.id, str(i.queue), i.sender, i.recipient, body_id, size, i.created, i.created,
-                      HELD if i.held else SCHEDULED) for i in queued])
+                      HELD if i.held else SCHEDULED, i.protocol) for i in queued])
             self._add_records(conn, records)
             by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             for i in items:
@@ -373,7 +377,9 @@ class SqliteSpool:
 
     # -- the scheduled -> ready -> done path -------------------------------
 
-    async def claim_due(self, now: float, limit: int) -> list[Stored]:
+    async def claim_due(self, now: float, limit: int, owned: set[str]) -> list[Stored]:
+        """Claim up to ``limit`` due messages; their ids join ``owned`` in the
+        same step (so a sweep never takes one for an orphan)."""
         if limit <= 0:
             return []
 
@@ -382,10 +388,23 @@ class SqliteSpool:
                 "UPDATE messages SET state = 1 WHERE id IN (SELECT id FROM messages"
                 f" WHERE state = 0 AND due <= ? ORDER BY due LIMIT ?) RETURNING {_COLS}",
                 (now, limit)).fetchall()
+            owned.update(r[0] for r in rows)
             return [_row(r) for r in rows]
 
         rows = await self._submit(op)
         return rows
+
+    async def adopt_orphans(self, owned: set[str]) -> list[Stored]:
+        """Claimed messages whose ids are not in ``owned`` (their delivery was
+        lost): they join ``owned`` and are returned, to be given a fate."""
+
+        def op(conn: sqlite3.Connection) -> list[Stored]:
+            rows = [r for r in conn.execute(f"SELECT {_COLS} FROM messages WHERE state = 1")
+                    if r[0] not in owned]
+            owned.update(r[0] for r in rows)
+            return [_row(r) for r in rows]
+
+        return await self._submit(op)
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -442,9 +461,11 @@ class SqliteSpool:
                 [(new, q, old) for q in names]))
 
     async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
-                    rule_id: str) -> dict[str, int]:
-        """Remove up to ``limit`` scheduled or held messages of ``queues``, queue by
-        queue (each queue's rows are contiguous: see ``new_message_id``)."""
+                    rule_id: str, owned: Collection[str] = ()) -> dict[str, int]:
+        """Remove up to ``limit`` messages of ``queues``, queue by queue (each
+        queue's rows are contiguous: see ``new_message_id``): scheduled, held,
+        and claimed ones that are not in ``owned`` (orphans). Owned ones are
+        on their way to a destination, where the rule's fence stops them."""
         names = list(queues)
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
@@ -457,6 +478,13 @@ class SqliteSpool:
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
                     " WHERE queue = ? AND state IN (0, 2) LIMIT ?)"
                     f" RETURNING {_COLS}", (name, limit - len(gone))).fetchall()
+                if len(rows) < limit - len(gone):
+                    orphans = [(i,) for (i,) in conn.execute(
+                        "SELECT id FROM messages WHERE queue = ? AND state = 1", (name,))
+                        if i not in owned][:limit - len(gone) - len(rows)]
+                    for (i,) in orphans:
+                        rows += conn.execute(f"DELETE FROM messages WHERE id = ? RETURNING {_COLS}",
+                                             (i,)).fetchall()
                 gone += map(_row, rows)
                 if rows:
                     removed[name] = len(rows)
