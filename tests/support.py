@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -173,3 +174,65 @@ listen = ["127.0.0.1:{self.http_port}"]
         e = {**os.environ, "KUMO_KCLI_ENDPOINT": self.endpoint, **(env or {})}
         return subprocess.run([BIN / "kcli", *args], capture_output=True, text=True, env=e,
                               timeout=60, check=check)
+
+
+def settings_for(tmp: Path, *, routes: dict[str, str] | None = None, workers: int = 0,
+                 **sections: dict[str, Any]):
+    """Settings for a server run inside the test process: its own data dir
+    and free ports, retries after a second."""
+    from sluice.config import settings_from_dict
+
+    raw: dict[str, Any] = {
+        "server": {"data_dir": str(tmp / "var"), "node_name": "test", "workers": workers},
+        "smtp": {"listen": [f"127.0.0.1:{free_port()}"], "hostname": "mta.test"},
+        "http": {"listen": [f"127.0.0.1:{free_port()}"]},
+        "queue": {"retry_interval": "1s", "max_retry_interval": "2s"},
+        "routes": routes or {},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return settings_from_dict(raw)
+
+
+class InProcess:
+    """A ``sluice.server.Server`` started in the test's event loop, so a test
+    can reach into its parts (the spool, the manager) while it runs."""
+
+    def __init__(self, settings: Any) -> None:
+        from sluice.server import Server
+
+        self.settings = settings
+        self.server = Server(settings)
+        self.services = self.server.services
+        self.smtp_port = int(settings.smtp.listen[0].rpartition(":")[2])
+        self.http_port = int(settings.http.listen[0].rpartition(":")[2])
+        self.data = Path(settings.server.data_dir)
+
+    async def __aenter__(self) -> InProcess:
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.server.stop()
+
+    records = Serve.records
+    by_recipient = Serve.by_recipient
+
+    async def send(self, recipients: list[str], **kw: Any) -> dict:
+        return await asyncio.to_thread(Serve.send, self, recipients, **kw)  # type: ignore[arg-type]
+
+    async def api(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}") as client:
+            return await client.request(method, path, json=body, timeout=30)
+
+
+async def until(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """``wait_for`` for coroutines: poll ``pred`` without blocking the event loop."""
+    deadline = time.time() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ..config import Settings
 from ..delivery.routes import Router
@@ -50,6 +53,21 @@ from .scheduled import expires_at, next_due
 log = logging.getLogger(__name__)
 
 _DELIVERY_KINDS = (DELIVERY, BOUNCE, TRANSIENT_FAILURE)
+
+_Outcome = TypeVar("_Outcome", bound=Callable[..., Awaitable[Any]])
+
+
+def _settles(method: _Outcome) -> _Outcome:
+    """Marks a method that records a claimed message's fate: whether it
+    succeeds or raises, the message is no longer owned afterwards (if the
+    spool write failed, the message is an orphan, which the reaper finds)."""
+    @functools.wraps(method)
+    async def settle(self: QueueManager, msg: Stored, *args: Any, **kw: Any) -> Any:
+        try:
+            return await method(self, msg, *args, **kw)
+        finally:
+            self.owned.discard(msg.id)
+    return settle  # type: ignore[return-value]
 
 
 class QueueManager(Outcomes):
@@ -222,6 +240,7 @@ class QueueManager(Outcomes):
     def may_send_data(self, msg: Stored) -> bool:
         return not self.rules.stops(msg.queue, self.parts(msg.queue))
 
+    @_settles
     async def dispose_stopped(self, msg: Stored) -> None:
         """A rule stopped ``msg``: admin-bounce it, or put it back on hold."""
         rule = self.rules.bounce_for(msg.queue, self.parts(msg.queue))
@@ -229,13 +248,11 @@ class QueueManager(Outcomes):
             await self.admin_bounce(msg, rule)
         else:
             held = self.rules.suspended(msg.queue, self.parts(msg.queue)) is not None
-            try:
-                await self.spool.release([msg.id], held=held)
-            finally:
-                self.owned.discard(msg.id)
+            await self.spool.release([msg.id], held=held)
             if held:
                 self.spool.held.add(msg.queue)
 
+    @_settles
     async def admin_bounce(self, msg: Stored, rule: Rule, extra: list[bytes] | None = None) -> None:
         rec = self.admin_bounce_record(msg, rule)
         records = (extra or []) + ([rec] if rec else [])
@@ -251,24 +268,25 @@ class QueueManager(Outcomes):
 
     # -- outcomes ----------------------------------------------------------
 
+    @_settles
     async def _finish(self, msg: Stored, records: list[bytes], kind: str,
                       rule_id: str | None = None) -> bool:
-        try:
-            done = await self.spool.finish(msg, records, rule_id)
-        finally:
-            self.owned.discard(msg.id)
+        done = await self.spool.finish(msg, records, rule_id)
         if done:
             self.stats[kind] += 1
         return done
 
+    @_settles
     async def delivered(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
         msg.attempts += 1
         await self._finish(msg, [self.record(DELIVERY, msg, resp, attempt)], DELIVERY)
 
+    @_settles
     async def bounced(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
         msg.attempts += 1
         await self._finish(msg, [self.record(BOUNCE, msg, resp, attempt)], BOUNCE)
 
+    @_settles
     async def attempt_failed(self, msg: Stored, resp: Response, attempt: Attempt,
                              count_attempt: bool = True) -> None:
         """A transient failure: retry later, unless a bounce rule now applies."""
@@ -283,10 +301,7 @@ class QueueManager(Outcomes):
             return
         qs = self.settings.queue_settings_for(parts.domain)
         due = next_due(time.time(), msg.created, max(1, msg.attempts), qs)
-        try:
-            await self.spool.retry(msg, due, records)
-        finally:
-            self.owned.discard(msg.id)
+        await self.spool.retry(msg, due, records)
 
     async def requeue(self, msgs: list[Stored]) -> None:
         """Put back messages whose attempt was lost with the delivery process."""

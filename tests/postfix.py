@@ -1,0 +1,116 @@
+"""A private Postfix instance for tests: a real MTA as Sluice's peer.
+
+Its own config, queue and data directories under /var/tmp, one
+smtpd on 127.0.0.1 at a free port, log to a file. As a destination it
+accepts mail for any domain from loopback and keeps it in its queue
+(``defer_transports = smtp``), where ``queue()`` reads it back. Postfix is
+installed by the Makefile's ``peers`` target (Debian's package); starting
+it needs root, as CI and ``make test`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .support import free_port, wait_port
+
+POSTFIX = "/usr/sbin/postfix"
+
+_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    def __init__(self, **main_cf: str) -> None:
+        # Postfix's own user must reach its data directory: pytest's tmp dirs
+        # are private to root, so the instance lives in a world-searchable one.
+        self.base = Path(tempfile.mkdtemp(prefix="sluice-postfix-", dir="/var/tmp"))
+        self.etc = self.base / "etc"
+        self.spool = self.base / "spool"
+        self.data = self.base / "data"
+        self.maillog = self.base / "maillog"
+        self.port = free_port()
+        self.extra = main_cf
+
+    def start(self) -> Postfix:
+        for d in (self.etc, self.spool, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        shutil.chown(self.data, "postfix")
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.spool),
+            "data_directory": str(self.data),
+            "myhostname": "postfix-peer.example",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mydestination": "",
+            "local_recipient_maps": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "defer_transports": "smtp",
+            "queue_run_delay": "1h",
+            "maillog_file": str(self.maillog),
+            "maillog_file_prefixes": str(self.base),
+            "biff": "no",
+            **self.extra,
+        }
+        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        (self.etc / "master.cf").write_text(_MASTER_CF.format(port=self.port))
+        r = subprocess.run([POSTFIX, "-c", str(self.etc), "start"], capture_output=True,
+                           text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}\n{self.log()}")
+        wait_port(self.port, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        pidfile = self.spool / "pid" / "master.pid"
+        if pidfile.exists():
+            master = Path(f"/proc/{pidfile.read_text().strip()}")
+            subprocess.run([POSTFIX, "-c", str(self.etc), "stop"], capture_output=True,
+                           check=False)
+            deadline = time.time() + 20
+            while master.exists() and time.time() < deadline:
+                time.sleep(0.1)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def queue(self) -> list[dict]:
+        """The messages in Postfix's queue (``postqueue -j``)."""
+        r = subprocess.run(["/usr/sbin/postqueue", "-c", str(self.etc), "-j"],
+                           capture_output=True, text=True, check=True)
+        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    def recipients(self) -> list[str]:
+        return [r["address"] for m in self.queue() for r in m["recipients"]]
+
+    def log(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
