@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install clean
+.PHONY: run test install peers clean
 
 $(BIN)/sluice: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,11 @@ install: $(BIN)/sluice
 run: install
 	$(BIN)/sluice serve
 
-test: install
+# Real peers for the tests (Postfix, swaks), from Debian when absent.
+peers:
+	@tests/install-peers.sh
+
+test: install peers
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .support import free_port, wait_port
+from .support import free_port, wait_smtp
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -89,7 +89,7 @@ class Postfix:
                            text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}\n{self.log()}")
-        wait_port(self.port, timeout=30)
+        wait_smtp(self.port)
         return self
 
     def stop(self) -> None:

@@ -50,6 +50,23 @@ def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0
         time.sleep(interval)
 
 
+def wait_smtp(port: int, timeout: float = 30.0) -> None:
+    """Wait until an SMTP server on ``port`` greets with 220 (a bound port is
+    not yet a served one: the listening socket is bound before the rules load)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.settimeout(max(0.5, deadline - time.time()))
+                if sock.recv(512).startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no SMTP greeting on port {port}")
+
+
 class Sink:
     """A ``sluice sink`` subprocess that records what it accepted."""
 
@@ -63,7 +80,7 @@ class Sink:
             [BIN / "sluice", "sink", "--listen", f"127.0.0.1:{self.port}",
              "--record", str(self.record)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_port(self.port)
+        wait_smtp(self.port)
         return self
 
     def stop(self) -> str:
@@ -124,7 +141,7 @@ listen = ["127.0.0.1:{self.http_port}"]
         self.proc = subprocess.Popen([BIN / "sluice", "serve", "--config", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         wait_port(self.http_port)
-        wait_port(self.smtp_port)
+        wait_smtp(self.smtp_port)
         return self
 
     def stop(self, timeout: float = 15.0) -> int:

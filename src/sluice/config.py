@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .durations import parse_positive_duration
 from .message import AddressError, normalize_domain
@@ -90,9 +99,28 @@ class ServerSettings(_Section):
     workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 64), ge=0, le=64)
 
 
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "localhost6", "localhost6.localdomain6",
+                "ip6-localhost", "ip6-loopback"}
+
+
+def default_hostname() -> str:
+    """The EHLO name and banner when ``[smtp] hostname`` is not set.
+
+    The machine's fully qualified name; where the resolver only says
+    ``localhost`` (as in many containers), the host name. Never ``localhost``,
+    which receivers reject or score down: with no usable name at all, a
+    reserved ``.invalid`` one, and ``hostname_warnings`` says to set one.
+    """
+    for name in (socket.getfqdn(), socket.gethostname()):
+        name = name.strip().rstrip(".").lower()
+        if name and name not in _LOCAL_NAMES and not name.startswith("localhost."):
+            return name
+    return "sluice.invalid"
+
+
 class SmtpSettings(_Section):
     listen: list[HostPort] = ["127.0.0.1:2025"]
-    hostname: str = "localhost"
+    hostname: str = Field(default_factory=default_hostname)
     relay_hosts: list[str] = ["127.0.0.1", "::1"]
     max_message_size: int = Field(default=20 * 1024 * 1024, gt=0)
     tenant_header: str = "X-Tenant"
@@ -109,11 +137,39 @@ class SmtpSettings(_Section):
     def relay_networks(self) -> list[IPNetwork]:
         return parse_networks(self.relay_hosts)
 
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, v: str) -> str:
+        v = v.strip().rstrip(".")
+        if not v or any(c.isspace() or not c.isprintable() for c in v) or not v.isascii():
+            raise ValueError("must be a host name (ASCII, no spaces)")
+        return v
+
+    def hostname_warnings(self) -> list[str]:
+        """What an operator should know about the EHLO name (Postfix's practice:
+        warn when it is not fully qualified)."""
+        if self.hostname.endswith(".invalid"):
+            return [f"no usable host name found; EHLO uses {self.hostname!r}: set [smtp] hostname"]
+        if "." not in self.hostname:
+            return [f"[smtp] hostname {self.hostname!r} is not a fully qualified domain name; "
+                    "receivers may refuse or score down mail from it: set [smtp] hostname"]
+        return []
+
+
+def check_readable(path: str) -> str:
+    """A file the server reads at start: an error now names it and the key."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return path
+
 
 class HttpSettings(_Section):
     listen: list[HostPort] = ["127.0.0.1:8000"]
     trusted_hosts: list[str] = ["127.0.0.1", "::1"]
-    tokens_file: str | None = None
+    tokens_file: Annotated[str, AfterValidator(check_readable)] | None = None
 
     @field_validator("trusted_hosts")
     @classmethod

@@ -124,14 +124,16 @@ class Channel:
                 await self._task
 
 
-async def spawn(module: str, settings: Settings,
-                handler: Handler) -> tuple[asyncio.subprocess.Process, Channel]:
-    """Start ``python -m module FD`` with the settings on its standard input;
-    returns the process and the channel to it (see ``child_main``)."""
+async def spawn(module: str, settings: Settings, handler: Handler,
+                listeners: list[socket.socket] = ()) -> tuple[asyncio.subprocess.Process, Channel]:
+    """Start ``python -m module FD [LISTENER_FD ...]`` with the settings on its
+    standard input; returns the process and the channel to it (see
+    ``child_main``). ``listeners`` are listening sockets the child shares."""
     ours, theirs = socket.socketpair()
+    fds = [theirs.fileno(), *(s.fileno() for s in listeners)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, str(theirs.fileno()),
-        stdin=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
+        sys.executable, "-m", module, *map(str, fds),
+        stdin=asyncio.subprocess.PIPE, pass_fds=fds)
     theirs.close()
     assert proc.stdin is not None
     proc.stdin.write(settings.model_dump_json().encode())
@@ -151,19 +153,22 @@ async def started(proc: asyncio.subprocess.Process, ready: asyncio.Event,
     return ready_wait in done
 
 
-def child_main(serve: Callable[[Settings, socket.socket], Awaitable[None]]) -> None:
-    """A child's entry point: read the settings and the channel's descriptor
-    (``spawn``), then run ``serve`` on uvloop until it returns."""
+def child_main(serve: Callable[[Settings, socket.socket, list[socket.socket]],
+                                Awaitable[None]]) -> None:
+    """A child's entry point: read the settings, the channel's descriptor and
+    the listening sockets' (``spawn``), then run ``serve`` on uvloop until it
+    returns."""
     from .config import Settings
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
-    fd = int(sys.argv[1])
+    fd, *listener_fds = map(int, sys.argv[1:])
     settings = Settings.model_validate_json(sys.stdin.read())
     sock = socket.socket(fileno=fd)
+    listeners = [socket.socket(fileno=f) for f in listener_fds]
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings, sock))
+        asyncio.run(serve(settings, sock, listeners))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import weakref
@@ -23,6 +24,7 @@ from .config import Settings, split_host_port
 from .delivery.mx import MxResolver
 from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
+from .node import NodeIdError, node_id
 from .queues.manager import QueueManager
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
@@ -55,13 +57,30 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def _bind(listen: str) -> socket.socket:
+class StartupError(Exception):
+    """Sluice cannot start; the message names the configuration key and why."""
+
+
+def bind_listener(key: str, listen: str) -> socket.socket:
+    """A listening socket for ``listen`` (the value of config key ``key``).
+
+    Bound once, by the main process, without SO_REUSEPORT: a port that
+    another program (or another Sluice) holds is an error, never a share.
+    Sluice's own reception processes get this very socket.
+    """
     host, port = split_host_port(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"{key} {listen}: address in use (another program is "
+                               "listening there)") from None
+        raise StartupError(f"{key} {listen}: cannot listen: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
@@ -69,6 +88,10 @@ def _bind(listen: str) -> socket.socket:
 class Server:
     def __init__(self, settings: Settings, mx: MxResolver | None = None) -> None:
         self.settings = settings
+        try:
+            node_id(settings.data_path)  # made here, before any part or child needs it
+        except (OSError, NodeIdError) as exc:
+            raise StartupError(f"server.data_dir {settings.server.data_dir}: {exc}") from None
         spool = SqliteSpool(settings.data_path)
         rules = RuleBook()
         router = Router(settings.routes,
@@ -82,8 +105,8 @@ class Server:
         self.workers: WorkerPool | None = None
         self.delivery: DeliveryProcess | None = None
         if settings.server.workers > 0:
-            self.workers = WorkerPool(settings, settings.server.workers, intake)
             self.delivery = manager.delivery = DeliveryProcess(settings, manager, rules)
+        self._smtp_sockets: list[socket.socket] = []
         self._smtp_servers: list[asyncio.base_events.Server] = []
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
@@ -91,30 +114,39 @@ class Server:
 
     async def start(self) -> None:
         s = self.services
-        await s.spool.open()
+        # Every listener first: a port that is taken stops the start before
+        # anything else happens. Nobody is served until the rules are loaded.
+        http_sockets = [bind_listener("http.listen", listen) for listen in self.settings.http.listen]
+        self._smtp_sockets = [bind_listener("smtp.listen", listen)
+                              for listen in self.settings.smtp.listen]
+        try:
+            await s.spool.open()
+        except OSError as exc:
+            raise StartupError(f"server.data_dir {self.settings.server.data_dir}: cannot open "
+                               f"the spool: {exc.strerror or exc}") from None
         await s.control.start()
         if self.delivery is not None:
             await self.delivery.start()
         s.manager.start()
-        sockets = [_bind(listen) for listen in self.settings.http.listen]
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
                                 access_log=False, limit_concurrency=1000)
         self._http = _Uvicorn(config)
-        self._http_task = asyncio.create_task(self._http.serve(sockets=sockets), name="http")
+        self._http_task = asyncio.create_task(self._http.serve(sockets=http_sockets), name="http")
         while not self._http.started:
             if self._http_task.done():
                 await self._http_task
                 raise RuntimeError("HTTP listener failed to start")
             await asyncio.sleep(0.01)
         # SMTP last: once mail can come in, everything it needs is running.
-        if self.workers is not None:
+        if self.settings.server.workers > 0:
+            self.workers = WorkerPool(self.settings, self.settings.server.workers, s.intake,
+                                      self._smtp_sockets)
             await self.workers.start()
         else:
             handler = ReceptionHandler(self.settings, s.intake)
-            for listen in self.settings.smtp.listen:
-                host, port = split_host_port(listen)
+            for sock in self._smtp_sockets:
                 self._smtp_servers.append(
-                    await start_smtp(self.settings, handler, host, port, self._sessions))
+                    await start_smtp(self.settings, handler, sock, self._sessions))
         log.info("sluice started: smtp %s, http %s", self.settings.smtp.listen,
                  self.settings.http.listen)
 
@@ -124,6 +156,8 @@ class Server:
             await self.workers.stop()
         for srv in self._smtp_servers:
             srv.close()
+        for sock in self._smtp_sockets:
+            sock.close()
         if self._http is not None:
             self._http.should_exit = True
         # Sessions get a moment to finish a message being stored, then close.

@@ -226,3 +226,16 @@ def test_reception_protocol_follows_helo_or_ehlo(make_serve, sink):
     rec = srv.by_recipient("Reception")
     assert rec["helo@example.com"]["reception_protocol"] == "SMTP"
     assert rec["ehlo@example.com"]["reception_protocol"] == "ESMTP"
+
+
+def test_lines_over_998_octets_are_folded_at_reception(make_serve, sink):
+    """RFC 5322 2.1.1: stored, logged and delivered with no line over 998 octets."""
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{sink.port}"}).start()
+    long_header = "x" * 1500
+    srv.send(["a@example.com"], headers={"X-Long": long_header},
+             body="short\r\n" + "y" * 3000 + "\r\n")
+    wait_for(lambda: srv.records("Delivery"))
+    got = sink.received()[0]
+    assert got["longest_line"] == 998
+    size = srv.records("Reception")[0]["size"]
+    assert got["size"] == size  # what was stored is what went out

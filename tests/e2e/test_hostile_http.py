@@ -80,3 +80,18 @@ def test_nothing_partial_after_the_storm(server):
         for rule in server.api("GET", path).json():
             assert rule["id"] and rule["reason"].strip() and rule["duration"]
     assert server.api("GET", "/api/check-liveness/v1").status_code == 200
+
+
+@pytest.mark.parametrize("raw,where", [
+    (b'{"reason": "x",\n "domain": }', "line 2, column 12"),
+    (b'{"reason": "x"', "line 1, column 15"),
+    (b"not json", "line 1, column 1"),
+])
+def test_malformed_json_names_the_problem_and_where(server, raw, where):
+    r = server.api("POST", "/api/admin/bounce/v1", content=raw,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["detail"][0]["field"] == "body"
+    assert body["error"].startswith("body: invalid JSON: ")
+    assert body["error"].endswith(where)

@@ -165,3 +165,26 @@ def test_thousand_idle_connections(server):
         for s in idle:
             s.close()
     assert_alive(server)
+
+
+ENHANCED = re.compile(rb"^[245][0-9]{2} [245]\.[0-9]{1,3}\.[0-9]{1,3} ")
+
+
+def test_every_reply_after_ehlo_carries_an_enhanced_code(server):
+    """RFC 2034: all but the greeting, the HELO/EHLO answers and 354."""
+    lines = exchange(server.smtp_port, b"EHLO me.test\r\nHELP\r\nVRFY someone\r\nSTARTTLS\r\n"
+                                       b"NOOP\r\nRSET\r\nXYZZY\r\nQUIT\r\n")
+    replies = [x for x in lines[1:] if not x.startswith(b"250-") and x != b"250 HELP"]
+    assert [x[:3] for x in replies] == [b"250", b"252", b"454", b"250", b"250", b"500", b"221"]
+    assert all(ENHANCED.match(x) for x in replies), replies
+    assert lines[0].startswith(b"220 mta.test ")
+    assert exchange(server.smtp_port, b"HELO me.test\r\nQUIT\r\n")[1] == b"250 mta.test"
+
+
+def test_replies_are_printable_ascii_whatever_the_client_sends(server):
+    lines = exchange(server.smtp_port, b"EHLO me.test\r\nFO\x1bO\x00\x7f x\r\n"
+                                       b"MAIL FROM:<a\x01@b.example>\r\nQUIT\r\n")
+    for line in lines:
+        assert all(0x20 <= c < 0x7F for c in line), line
+    assert lines[-1].startswith(b"221")
+    assert lines[-3] == b'500 5.5.2 Error: command "FO\\x1bO\\x00\\x7f" not recognized'

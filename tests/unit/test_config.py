@@ -57,8 +57,12 @@ retry_interval = "1h 30m"
 
 
 def write(tmp_path: Path, text: str, name: str = "sluice.toml") -> Path:
+    """Write a config file; the tokens file that SPEC's example names is
+    made beside it (a tokens_file that cannot be read stops the start)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ops:secret\n")
     p = tmp_path / name
-    p.write_text(text, encoding="utf-8")
+    p.write_text(text.replace("/etc/sluice/tokens", str(tokens)), encoding="utf-8")
     return p
 
 
@@ -124,7 +128,7 @@ def test_full_config_loads(tmp_path):
     assert s.http.listen == ["0.0.0.0:8080"]
     assert s.http.trusted_hosts == ["127.0.0.1", "::1", "192.168.0.0/16"]
     assert ipaddress.ip_network("192.168.0.0/16") in s.http.trusted_networks()
-    assert s.http.tokens_file == "/etc/sluice/tokens"
+    assert s.http.tokens_file == str(tmp_path / "tokens")
 
     assert s.queue.retry_interval == 600
     assert s.queue.max_retry_interval == 4 * 3600

@@ -6,7 +6,7 @@ carry ``detail`` with the field path, so a caller knows which field to fix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,20 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+def _json_problem(err: dict, doc: Any) -> str:
+    """'invalid JSON: Expecting value at line 1, column 12' for a body that
+    does not parse (FastAPI gives the offset and the decoder's message)."""
+    reason = str((err.get("ctx") or {}).get("error", "not valid JSON"))
+    loc = err.get("loc", ())
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if pos is None or not isinstance(doc, (str, bytes)):
+        return f"invalid JSON: {reason}"
+    text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else doc
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return f"invalid JSON: {reason} at line {line}, column {column}"
+
+
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="Sluice", version=__version__, openapi_url="/api-docs/openapi.json",
                   docs_url="/api-docs")
@@ -40,6 +54,9 @@ def create_app(services: Services) -> FastAPI:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = []
         for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                details.append({"field": "body", "problem": _json_problem(err, exc.body)})
+                continue
             field = _field(tuple(err.get("loc", ())))
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             if err.get("type") == "extra_forbidden":

@@ -8,11 +8,14 @@ import resource
 import signal
 import sys
 
-from ..config import ConfigError, load_settings
-from ..server import Server
+from ..config import ConfigError, Settings, load_settings
+from ..server import Server, StartupError
+
+log = logging.getLogger("sluice")
 
 
-async def _main(server: Server) -> None:
+async def _main(settings: Settings) -> None:
+    server = Server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -40,6 +43,9 @@ def run(config_path: str | None) -> int:
     except ConfigError as exc:
         print(f"sluice: bad configuration: {exc}", file=sys.stderr)
         return 2
+    source = config_path or "embedded defaults"
+    for warning in settings.smtp.hostname_warnings():
+        log.warning("%s: %s", source, warning)
     _raise_fd_limit()
     try:
         import uvloop
@@ -47,8 +53,8 @@ def run(config_path: str | None) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(_main(Server(settings)))
-    except OSError as exc:
-        print(f"sluice: cannot start: {exc}", file=sys.stderr)
+        asyncio.run(_main(settings))
+    except (StartupError, OSError) as exc:
+        print(f"sluice: cannot start: {source}: {exc}", file=sys.stderr)
         return 1
     return 0

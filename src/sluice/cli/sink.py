@@ -2,8 +2,8 @@
 
 Every recipient gets 250, except the local parts ``tempfail`` (451 4.3.0)
 and ``permfail`` (550 5.1.1). With ``--record FILE`` each accepted message is
-appended to FILE as one JSON line (sender, recipients, size, headers of
-interest), so a test can check what arrived.
+appended to FILE as one JSON line (sender, recipients, size, the length of
+its longest line, headers of interest), so a test can check what arrived.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class SinkHandler:
         if self.record is not None:
             line = orjson.dumps({
                 "sender": envelope.mail_from, "recipients": envelope.rcpt_tos, "size": len(body),
+                "longest_line": max(len(x.rstrip(b"\r")) for x in body.split(b"\n")),
                 "headers": header_values(body, ["Subject", "Message-ID", "X-Campaign", "X-Tenant"]),
             }) + b"\n"
             with open(self.record, "ab") as fh:

@@ -86,7 +86,7 @@ class Upstream(Outcomes):
                                  "attempt": attempt.to_wire(), "count_attempt": count_attempt})
 
 
-async def _serve(settings: Settings, sock: socket.socket) -> None:
+async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket.socket]) -> None:
     reader = SpoolReader(settings.data_path / "spool" / "spool.db")
     upstream = Upstream(settings, reader)
     dispatcher = Dispatcher(

@@ -21,6 +21,7 @@ import jinja2.sandbox
 
 from ..api.models import InjectAddress, InjectAttachment, InjectBuilder, InjectRequest
 from ..message import AddressError, split_address
+from .lines import fold_long_lines
 
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
 
@@ -81,7 +82,7 @@ class Composer:
         ctx = {"email": rcpt.email, "name": rcpt.name or "", **(self.req.substitutions or {}),
                **(rcpt.substitutions or {})}
         if self.raw is not None:
-            return _crlf(self.raw.render(ctx))
+            return fold_long_lines(_crlf(self.raw.render(ctx)))
         return self._build(ctx, rcpt)
 
     def _build(self, ctx: dict[str, Any], rcpt: Any) -> bytes:

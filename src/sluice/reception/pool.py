@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from typing import Any
 
 from ..config import Settings
@@ -26,16 +27,18 @@ class _Worker:
 class WorkerPool:
     """N reception worker processes (see ``reception/worker.py``)."""
 
-    def __init__(self, settings: Settings, count: int, intake: Intake) -> None:
+    def __init__(self, settings: Settings, count: int, intake: Intake,
+                 listeners: list[socket.socket]) -> None:
         self.settings = settings
         self.count = count
         self.intake = intake
+        self.listeners = listeners  # bound once here, shared by every worker
         self._workers: list[_Worker] = []
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Start the workers; raises if one cannot start (e.g. its port is taken)."""
+        """Start the workers; raises if one cannot start."""
         for i in range(self.count):
             w = _Worker(i)
             self._workers.append(w)
@@ -61,7 +64,8 @@ class WorkerPool:
                 return True
             return None
 
-        w.proc, w.channel = await spawn("sluice.reception.worker", self.settings, handle)
+        w.proc, w.channel = await spawn("sluice.reception.worker", self.settings, handle,
+                                        self.listeners)
         self._watchers.append(asyncio.create_task(self._watch(w), name=f"worker-{w.index}"))
 
     async def _watch(self, w: _Worker) -> None:

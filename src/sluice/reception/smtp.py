@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import re
+import socket
 import time
 import uuid
 import weakref
@@ -27,37 +28,45 @@ from ..logs import REJECTION, Response, make_record
 from ..message import AddressError, split_address
 from ..node import node_id
 from .intake import Intake
+from .lines import fold_long_lines
 
 if TYPE_CHECKING:
     from .worker import RemoteIntake
 
 log = logging.getLogger(__name__)
 
-# Default enhanced codes for replies that aiosmtpd writes without one.
+# Default enhanced codes (RFC 3463) for replies written without one. RFC 2034:
+# once ENHANCEDSTATUSCODES is offered, every reply but the greeting, the EHLO
+# lines and 354 carries one.
 _ENHANCED = {
-    "221": "2.0.0", "250": "2.0.0", "421": "4.3.0", "451": "4.3.0", "452": "4.5.3",
+    "421": "4.3.0", "451": "4.3.0", "452": "4.5.3", "454": "4.7.0",
     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
     "530": "5.7.0", "550": "5.7.1", "552": "5.3.4", "553": "5.1.3", "554": "5.5.0",
     "555": "5.5.4",
 }
 
-# aiosmtpd's own success replies without an enhanced code.
-_PLAIN_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
-
 _END = b"\r\n.\r\n"
+
+# Anything outside printable US-ASCII in a reply (a client's garbage echoed
+# back, say) is written as \xNN; line breaks of multi-line replies stay.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\r\n]|\r(?!\n)|(?<!\r)\n")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character outside printable US-ASCII escaped."""
+    return _UNPRINTABLE.sub(lambda m: "".join(f"\\x{b:02x}" for b in m.group(0).encode()), text)
 
 
 def _with_enhanced(status: str) -> str:
-    if status in _PLAIN_2XX:
-        return _PLAIN_2XX[status]
+    """``status`` with an enhanced code after its reply code, if it has none."""
     code = status[:3]
-    default = _ENHANCED.get(code)
-    if code < "400" or default is None or len(status) < 4 or status[3] != " ":
-        return status  # greetings, 354, EHLO lines and our own replies: as they are
+    if len(status) < 4 or status[3] != " " or not code.isdigit() or code[0] not in "245":
+        return status  # 354, multi-line (EHLO) replies: as they are
     rest = status[4:]
     first = rest.split(" ", 1)[0]
     if first.count(".") == 2 and first.replace(".", "").isdigit():
         return status
+    default = "2.0.0" if code[0] == "2" else _ENHANCED.get(code, f"{code[0]}.0.0")
     return f"{code} {default} {rest}"
 
 
@@ -115,6 +124,8 @@ class SluiceSMTP(SMTP):
                 m[5:] for m in dir(type(self)) if m.startswith("smtp_"))
         self._smtp_methods = {n: getattr(self, "smtp_" + n) for n in names}
         self._enforce_call_limit = False
+        self._greeted = False
+        self._helo_reply = f"250 {hostname}"  # RFC 2034: as it is, like the greeting
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # The common case, a plain <local@domain>, without the header parser.
@@ -131,7 +142,11 @@ class SluiceSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
-        await super().push(_with_enhanced(status))
+        if self._greeted and status != self._helo_reply:
+            status = _with_enhanced(status)
+        else:
+            self._greeted = True  # the 220 greeting carries no enhanced code
+        await super().push(printable(status))
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -267,7 +282,7 @@ class ReceptionHandler:
             log.exception("could not log rejection")
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        body: bytes = envelope.original_content or b""
+        body = fold_long_lines(envelope.original_content or b"")
         peer = session.peer if isinstance(session.peer, tuple) else ("", "")
         protocol = _protocol(session)
         received = (f"Received: from {session.host_name or 'unknown'} ([{peer[0]}])\r\n"
@@ -297,10 +312,10 @@ def _rfc2822_now() -> str:
     return formatdate(usegmt=True)
 
 
-async def start_smtp(settings: Settings, handler: ReceptionHandler, host: str, port: int,
-                     sessions: weakref.WeakSet, reuse_port: bool = False
-                     ) -> asyncio.base_events.Server:
-    """Listen on ``host:port``; every session protocol is added to ``sessions``."""
+async def start_smtp(settings: Settings, handler: ReceptionHandler, sock: socket.socket,
+                     sessions: weakref.WeakSet) -> asyncio.base_events.Server:
+    """Serve SMTP on the listening socket ``sock`` (bound by the main process);
+    every session protocol is added to ``sessions``."""
     loop = asyncio.get_running_loop()
     s = settings.smtp
 
@@ -310,5 +325,4 @@ async def start_smtp(settings: Settings, handler: ReceptionHandler, host: str, p
         sessions.add(proto)
         return proto
 
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True,
-                                    reuse_port=reuse_port, backlog=1024)
+    return await loop.create_server(factory, sock=sock, backlog=1024)

@@ -1,8 +1,9 @@
 """A reception worker: a process that speaks SMTP and nothing else.
 
 ``sluice serve`` with ``[server] workers = N`` runs N of these beside the
-main process. Each listens on the SMTP ports with SO_REUSEPORT, so the
-kernel spreads connections over them, and does the protocol work (commands,
+main process. The main process binds the SMTP listening sockets once and
+hands them to every worker; each accepts connections from them (the kernel
+gives each connection to one of them) and does the protocol work (commands,
 addresses, relay control, DATA). Each accepted message goes to the main
 process over a socket pair; the main process stores it with every other
 reception in one group commit, applies the rules, and answers once it is
@@ -20,7 +21,7 @@ import socket
 import weakref
 from typing import Any
 
-from ..config import Settings, split_host_port
+from ..config import Settings
 from ..ipc import Channel, child_main
 from ..message import AddressError
 from .intake import Accepted
@@ -48,7 +49,7 @@ class RemoteIntake:
         await self.channel.call({"type": "records"}, b"\n".join(records))
 
 
-async def _serve(settings: Settings, sock: socket.socket) -> None:
+async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket.socket]) -> None:
     stop = asyncio.Event()
 
     async def handle(msg: dict[str, Any], payload: bytes) -> Any:
@@ -61,10 +62,7 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     handler = ReceptionHandler(settings, RemoteIntake(channel))
     sessions: weakref.WeakSet = weakref.WeakSet()
-    servers = []
-    for listen in settings.smtp.listen:
-        host, port = split_host_port(listen)
-        servers.append(await start_smtp(settings, handler, host, port, sessions, reuse_port=True))
+    servers = [await start_smtp(settings, handler, listener, sessions) for listener in listeners]
     await channel.call({"type": "ready", "pid": os.getpid()})
     stop_wait = asyncio.create_task(stop.wait())
     closed = asyncio.create_task(channel.wait_closed())
