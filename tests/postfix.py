@@ -41,16 +41,17 @@ error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
 class Postfix:
-    def __init__(self, **main_cf: str) -> None:
+    def __init__(self, base: Path | None = None, **main_cf: str) -> None:
         # Postfix's own user must reach its data directory: pytest's tmp dirs
         # are private to root, so the instance lives in a world-searchable one.
-        self.base = Path(tempfile.mkdtemp(prefix="sluice-postfix-", dir="/var/tmp"))
+        self.base = base or Path(tempfile.mkdtemp(prefix="sluice-postfix-", dir="/var/tmp"))
         self.etc = self.base / "etc"
         self.spool = self.base / "spool"
         self.data = self.base / "data"

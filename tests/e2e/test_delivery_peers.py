@@ -1,8 +1,11 @@
-"""Mail with non-ASCII envelope addresses (RFC 6531): delivered with SMTPUTF8
-when the next hop offers it, bounced with 5.6.7 when it does not; never stuck.
+"""Delivery against real peers: mail with non-ASCII envelope addresses
+(RFC 6531) is delivered with SMTPUTF8 when the next hop offers it, bounced
+with 5.6.7 when it does not, never stuck; and the records of a delivery over
+TLS say so.
 
 The peers are ``sluice sink`` (aiosmtpd, SMTPUTF8 on) and Postfix from
-Debian, once as it ships (SMTPUTF8 on) and once with ``smtputf8_enable = no``.
+Debian: as it ships (SMTPUTF8 on), with ``smtputf8_enable = no``, and with
+STARTTLS offered.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import smtplib
 import pytest
 
 from ..postfix import Postfix
-from ..support import wait_for
+from ..support import make_certificate, wait_for
 
 BODY = "Subject: h\u00e9llo\r\nFrom: s\u00e9nder@example.org\r\n\r\nGr\u00fc\u00dfe!\r\n".encode()
 
@@ -77,3 +80,18 @@ def test_utf8_addresses_bounce_with_5_6_7_when_the_peer_lacks_smtputf8(make_serv
     # one terminal record each, nothing left behind
     terminal = [r["id"] for r in srv.records() if r["type"] in ("Delivery", "Bounce")]
     assert len(terminal) == len(set(terminal)) == 3
+
+
+def test_delivery_over_tls_logs_cipher_version_and_peer_subject(make_serve, postfix):
+    pf = Postfix()
+    cert, key = make_certificate(pf.base, "postfix-peer.example")
+    pf = postfix(base=pf.base, smtpd_tls_security_level="may", smtpd_tls_cert_file=str(cert),
+                 smtpd_tls_key_file=str(key), smtpd_tls_loglevel="1")
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{pf.port}"}).start()
+    srv.send(["a@example.com"])
+    rec = wait_for(lambda: srv.records("Delivery"), timeout=30)[0]
+    assert rec["tls_protocol_version"] in ("TLSv1.2", "TLSv1.3")
+    assert rec["tls_cipher"]
+    assert rec["tls_peer_subject_name"] == ["CN=postfix-peer.example"]
+    assert rec["session_id"] and rec["peer_address"]["addr"] == "127.0.0.1"
+    assert "TLS connection established from localhost" in pf.log()
