@@ -12,11 +12,7 @@ A break never splits a UTF-8 character.
 
 from __future__ import annotations
 
-import re
-
 MAX_LINE = 998  # octets, not counting the CRLF
-
-_LONG = re.compile(rb"[^\r\n]{%d,}" % (MAX_LINE + 1))
 
 
 def _cut(line: bytes) -> int:
@@ -30,8 +26,8 @@ def _cut(line: bytes) -> int:
     return at
 
 
-def _fold(match: re.Match[bytes]) -> bytes:
-    line = match.group(0)
+def _fold(line: bytes) -> bytes:
+    """One line (without its line break) in pieces of at most MAX_LINE octets."""
     parts = []
     while len(line) > MAX_LINE:
         at = _cut(line)
@@ -41,9 +37,34 @@ def _fold(match: re.Match[bytes]) -> bytes:
     return b"\r\n".join(parts)
 
 
+def _may_have_long_line(body: bytes) -> bool:
+    """Whether some 999 octets in a row hold no line feed: a quick look that
+    jumps from line feed to line feed a window at a time (a few microseconds
+    for 10 KB) instead of splitting every line."""
+    window = MAX_LINE + 1
+    pos, end = 0, len(body)
+    rfind = body.rfind
+    while pos + window <= end:
+        nl = rfind(b"\n", pos, pos + window)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    return False
+
+
 def fold_long_lines(body: bytes) -> bytes:
     """``body`` with every line over 998 octets broken (CRLF + space); the
-    same object when no line is that long (the common case costs one scan)."""
-    if len(body) <= MAX_LINE or _LONG.search(body) is None:
+    same object when no line is that long."""
+    if not _may_have_long_line(body):
         return body
-    return _LONG.sub(_fold, body)
+    lines = body.split(b"\n")
+    out = []
+    for line in lines:
+        if len(line) > MAX_LINE:
+            cr = line.endswith(b"\r")
+            text = line[:-1] if cr else line
+            if len(text) > MAX_LINE:
+                line = _fold(text) + (b"\r" if cr else b"")
+        out.append(line)
+    folded = b"\n".join(out)
+    return body if folded == body else folded
