@@ -1,12 +1,15 @@
-"""Messages between the main process and its child processes (reception
-workers, the delivery process), and how a child is started.
+"""Messages between the main process and its children (the reception
+workers, the delivery process), the channel that carries them, and how a
+child is started.
 
-One socket pair per child. A frame is two 4-byte lengths, an orjson header
-and a raw payload (a message body travels as bytes, not as JSON). Either
-side may ``call`` (send and wait for the answer); the other side's calls are
-answered by ``handler``, each in its own task, so many can be under way. A
-handler that raises answers with the error, which the caller raises as
-``RemoteError``.
+Every message is a typed struct listed below (msgspec, tagged by class
+name); nothing else crosses. One socket pair per child. A frame is two
+4-byte lengths, a msgpack header (a call or an answer) and a raw payload (a
+message body travels as bytes, never inside the header). Either side may
+``call`` (send and wait for the answer); the other side answers each call
+in its own task with the handler registered for that message type. A
+handler that raises answers at once with the error, which the caller raises
+as ``RemoteError`` (no caller waits out a timeout for a failure).
 """
 
 from __future__ import annotations
@@ -19,19 +22,116 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
-import orjson
+import msgspec
+
+from .logs import Attempt, Response
+from .message import QueueName
+from .spool.base import Stored
 
 if TYPE_CHECKING:
     from .config import Settings
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any], bytes], Awaitable[Any]]
 
+# -- the messages -----------------------------------------------------------
+
+class Message(msgspec.Struct, tag=True, kw_only=True):
+    """Base of every message; the tag is the class name."""
+
+
+# both ways
+class Ready(Message):
+    """A child is up (child to main, the first call it makes)."""
+    pid: int
+
+
+class Stop(Message):
+    """Stop (main to child); a delivery process lets sends under way end
+    within ``grace`` seconds and answers the ids of those it gave up."""
+    grace: float = 0.0
+
+
+# reception worker -> main
+class Accept(Message):
+    """Store a received message (its body is the payload); answered with
+    ``Accepted`` once it is durable."""
+    sender: str
+    recipients: list[str]
+    protocol: str
+    peer: tuple[str, str] | None
+    session_id: str | None
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    """The answer to ``Accept``: the message ids, or why the addresses were refused."""
+    ids: list[str] = []
+    bounced: int = 0
+    address_error: str | None = None
+
+
+class Records(Message):
+    """Log records that change nothing (JSON lines in the payload)."""
+
+
+# main -> delivery process
+class PushRules(Message):
+    """Every active bounce and suspend rule (rows as stored)."""
+    bounces: list[dict[str, Any]]
+    suspensions: list[dict[str, Any]]
+
+
+class Dispatch(Message):
+    """Promoted messages to send, with the parts of their queues."""
+    queues: dict[str, QueueName]
+    msgs: list[Stored]
+
+
+class Withdraw(Message):
+    """Take what bounce rule ``rule_id`` selects out of the ready queues;
+    answered with the ids taken."""
+    rule_id: str
+
+
+class Figures(Message):
+    """Per-site figures of the ready queues; answered with a dict."""
+
+
+# delivery process -> main
+class Outcome(Message):
+    """The fate of one message: delivered, bounced, failed or stopped (by a rule)."""
+    kind: str
+    id: str
+    response: Response | None = None
+    attempt: Attempt = Attempt()
+    count_attempt: bool = True
+
+
+AnyMessage = Union[Ready, Stop, Accept, Records, PushRules, Dispatch, Withdraw, Figures, Outcome]
+
+
+# -- the channel ------------------------------------------------------------
+
+class _Call(msgspec.Struct, tag="call", array_like=True):
+    id: int
+    msg: AnyMessage
+
+
+class _Answer(msgspec.Struct, tag="answer", array_like=True):
+    id: int
+    result: Any = None
+    error: str | None = None
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Union[_Call, _Answer]).decode
 _LENS = struct.Struct("!II")
+
+T = TypeVar("T")
+Handler = Callable[[Any, bytes], Awaitable[Any]]
 
 
 class ChannelClosed(ConnectionError):
@@ -43,45 +143,54 @@ class RemoteError(RuntimeError):
 
 
 class Channel:
+    """One end of a child's socket pair. ``handlers`` answer the other
+    side's calls, one per message type."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 handler: Handler) -> None:
+                 handlers: Mapping[type[Message], Handler]) -> None:
         self._reader = reader
         self._writer = writer
-        self._handler = handler
+        self._handlers = dict(handlers)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._task: asyncio.Task | None = None
         self._answering: set[asyncio.Task] = set()
 
     @classmethod
-    async def over(cls, sock: Any, handler: Handler) -> Channel:
+    async def over(cls, sock: Any, handlers: Mapping[type[Message], Handler]) -> Channel:
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
-        channel = cls(reader, writer, handler)
+        channel = cls(reader, writer, handlers)
         channel._task = asyncio.create_task(channel._run(), name="ipc-channel")
         return channel
 
-    async def call(self, msg: dict[str, Any], payload: bytes = b"", timeout: float = 60.0) -> Any:
+    async def call(self, msg: Message, payload: bytes = b"", timeout: float = 60.0,
+                   returns: type[T] | None = None) -> Any:
+        """Send ``msg`` and wait for its answer (converted to ``returns`` when given)."""
         if self._writer.is_closing():
             raise ChannelClosed("channel closed")
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = fut
         try:
-            self._send({"call": call_id, "msg": msg}, payload)
-            return await asyncio.wait_for(fut, timeout)
+            self._send(_Call(call_id, msg), payload)
+            result = await asyncio.wait_for(fut, timeout)
         finally:
             self._waiting.pop(call_id, None)
+        return msgspec.convert(result, returns) if returns is not None else result
 
-    def _send(self, frame: dict[str, Any], payload: bytes = b"") -> None:
-        data = orjson.dumps(frame)
+    def _send(self, frame: _Call | _Answer, payload: bytes = b"") -> None:
+        data = _encode(frame)
         self._writer.write(_LENS.pack(len(data), len(payload)) + data + payload)
 
-    async def _answer(self, call_id: int, msg: dict[str, Any], payload: bytes) -> None:
+    async def _answer(self, call_id: int, msg: Message, payload: bytes) -> None:
+        handler = self._handlers.get(type(msg))
         try:
-            frame = {"answer": call_id, "result": await self._handler(msg, payload)}
+            if handler is None:
+                raise LookupError(f"no handler for {type(msg).__name__}")
+            frame = _Answer(call_id, await handler(msg, payload))
         except Exception as exc:  # the caller gets the error at once, not a timeout
-            log.exception("handling %r failed", msg.get("type"))
-            frame = {"answer": call_id, "error": f"{type(exc).__name__}: {exc}"}
+            log.exception("handling %s failed", type(msg).__name__)
+            frame = _Answer(call_id, error=f"{type(exc).__name__}: {exc}")
         if not self._writer.is_closing():
             self._send(frame)
 
@@ -90,17 +199,17 @@ class Channel:
             while True:
                 head = await self._reader.readexactly(_LENS.size)
                 size, payload_size = _LENS.unpack(head)
-                frame = orjson.loads(await self._reader.readexactly(size))
+                frame = _decode(await self._reader.readexactly(size))
                 payload = await self._reader.readexactly(payload_size) if payload_size else b""
-                if "answer" in frame:
-                    fut = self._waiting.get(frame["answer"])
+                if isinstance(frame, _Answer):
+                    fut = self._waiting.get(frame.id)
                     if fut is not None and not fut.done():
-                        if "error" in frame:
-                            fut.set_exception(RemoteError(frame["error"]))
+                        if frame.error is not None:
+                            fut.set_exception(RemoteError(frame.error))
                         else:
-                            fut.set_result(frame.get("result"))
+                            fut.set_result(frame.result)
                 else:
-                    task = asyncio.create_task(self._answer(frame["call"], frame["msg"], payload))
+                    task = asyncio.create_task(self._answer(frame.id, frame.msg, payload))
                     self._answering.add(task)
                     task.add_done_callback(self._answering.discard)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -124,8 +233,11 @@ class Channel:
                 await self._task
 
 
-async def spawn(module: str, settings: Settings, handler: Handler,
-                listeners: list[socket.socket] = ()) -> tuple[asyncio.subprocess.Process, Channel]:
+# -- children ---------------------------------------------------------------
+
+async def spawn(module: str, settings: Settings, handlers: Mapping[type[Message], Handler],
+                listeners: list[socket.socket] | tuple = ()
+                ) -> tuple[asyncio.subprocess.Process, Channel]:
     """Start ``python -m module FD [LISTENER_FD ...]`` with the settings on its
     standard input; returns the process and the channel to it (see
     ``child_main``). ``listeners`` are listening sockets the child shares."""
@@ -138,7 +250,7 @@ async def spawn(module: str, settings: Settings, handler: Handler,
     assert proc.stdin is not None
     proc.stdin.write(settings.model_dump_json().encode())
     proc.stdin.close()
-    return proc, await Channel.over(ours, handler)
+    return proc, await Channel.over(ours, handlers)
 
 
 async def started(proc: asyncio.subprocess.Process, ready: asyncio.Event,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -121,10 +121,6 @@ def internal_error(exc: BaseException, where: str) -> Response:
     return Response(451, text.replace("\r", " ").replace("\n", " "), (4, 3, 0))
 
 
-def admin_bounce_response(reason: str) -> Response:
-    return Response(551, f"Administrator bounced with reason: {reason}", (5, 7, 1))
-
-
 @functools.lru_cache(maxsize=8)
 def _second(whole: int) -> str:
     # Records come in bursts within the same second: format each second once.
@@ -204,39 +200,74 @@ def make_record(
     return orjson.dumps(rec)
 
 
-# An outbox row that starts with this holds a packed batch of AdminBounce
-# records (a bounce sweep's chunk): the shared parts once, the per-message
-# fields as a list. The log writer expands it; expansion is deterministic,
-# so a batch written twice after a crash repeats its records identically.
-PACKED = b"\x00AB2"
-_PACKED_V1 = b"\x00AB1"  # rows without the reception protocol (older spools)
+class _StoredMessage(Protocol):
+    id: str
+    sender: str
+    recipient: str
+    queue: str
+    size: int
+    created: float
+    attempts: int
+    protocol: str | None
+
+
+_DELIVERY_KINDS = frozenset({DELIVERY, BOUNCE, TRANSIENT_FAILURE})
+
+
+def message_record(kind: str, msg: _StoredMessage, response: Response, *,
+                   meta: dict[str, str], nodeid: str, attempt: Attempt = NO_ATTEMPT) -> bytes:
+    """The record of an event in the life of a stored message (``spool.Stored``)."""
+    return make_record(kind, msg_id=msg.id, sender=msg.sender, recipient=msg.recipient,
+                       queue=msg.queue, meta=meta, size=msg.size, created=msg.created,
+                       num_attempts=msg.attempts, nodeid=nodeid, response=response,
+                       site=attempt.site, peer=attempt.peer, reception_protocol=msg.protocol,
+                       delivery_protocol="ESMTP" if kind in _DELIVERY_KINDS else None,
+                       session_id=attempt.session_id, tls=attempt.tls)
+
+
+# An outbox row that starts with this holds a packed batch of records of one
+# kind (a bounce sweep's chunk of AdminBounce records): the shared parts
+# once (kind, response, node, time), the per-message fields as a list. The
+# log writer expands it with ``make_record``; expansion is deterministic, so
+# a batch written twice after a crash repeats its records identically.
+PACKED = b"\x00PK1"
+_PACKED_AB1 = b"\x00AB1"  # AdminBounce batches of older versions (rows without protocol)
 
 # A packed row: (id, sender, recipient, queue, size, created, attempts, reception_protocol)
 PackedRow = tuple[str, str, str, str, int, float, int, "str | None"]
 
 
-def pack_admin_bounces(rows: list[PackedRow], reason: str, nodeid: str,
-                       meta: dict[str, dict[str, str]]) -> bytes:
-    return PACKED + orjson.dumps({"reason": reason, "nodeid": nodeid, "now": time.time(),
-                                  "meta": meta, "rows": rows})
+def pack_records(kind: str, response: Response, nodeid: str,
+                 meta: dict[str, dict[str, str]], rows: list[PackedRow]) -> bytes:
+    """One outbox entry for records of ``kind`` that differ only in ``rows``
+    (``meta`` per queue name)."""
+    return PACKED + orjson.dumps({"kind": kind, "response": response.as_dict(), "nodeid": nodeid,
+                                  "now": time.time(), "meta": meta, "rows": rows})
+
+
+def _response_from_dict(d: dict[str, Any]) -> Response:
+    e = d["enhanced_code"]
+    return Response(d["code"], d["content"],
+                    (e["class"], e["subject"], e["detail"]) if e else None, d["command"])
 
 
 def expand(entry: bytes) -> bytes:
     """The JSON lines an outbox row stands for (packed or not)."""
     if entry.startswith(PACKED):
         batch = orjson.loads(entry[len(PACKED):])
-        rows = batch["rows"]
-    elif entry.startswith(_PACKED_V1):
-        batch = orjson.loads(entry[len(_PACKED_V1):])
-        rows = [[*r, None] for r in batch["rows"]]
+        kind, response, rows = batch["kind"], _response_from_dict(batch["response"]), batch["rows"]
+    elif entry.startswith(_PACKED_AB1):
+        batch = orjson.loads(entry[len(_PACKED_AB1):])
+        kind, rows = ADMIN_BOUNCE, [[*r, None] for r in batch["rows"]]
+        response = Response(551, f"Administrator bounced with reason: {batch['reason']}",
+                            (5, 7, 1))
     else:
         return entry
-    response = admin_bounce_response(batch["reason"])
     meta, nodeid, now = batch["meta"], batch["nodeid"], batch["now"]
-    fill = _admin_bounce_template(response, nodeid, now)
+    fill = _template(kind, response, nodeid, now)
     if fill is None:
         return b"\n".join(
-            make_record(ADMIN_BOUNCE, msg_id=i, sender=sender, recipient=rcpt, queue=queue,
+            make_record(kind, msg_id=i, sender=sender, recipient=rcpt, queue=queue,
                         meta=meta.get(queue, {}), size=size, created=created,
                         num_attempts=attempts, nodeid=nodeid, response=response,
                         reception_protocol=proto, now=now)
@@ -254,16 +285,16 @@ def expand(entry: bytes) -> bytes:
 
 
 # Values that stand for a record's per-message fields in a template record,
-# in the order ``fill`` takes them (see ``_admin_bounce_template``).
+# in the order ``fill`` takes them (see ``_template``).
 _MARKS: tuple[Any, ...] = ("\x00id\x00", "\x00sender\x00", "\x00rcpt\x00", "\x00queue\x00",
                            -9007199254740001, -9007199254740002, -9007199254740003,
                            {"\x00meta\x00": ""}, "\x00ctime\x00", "\x00proto\x00")
 
 
-def _admin_bounce_template(response: Response, nodeid: str,
-                           now: float) -> Callable[[tuple], bytes] | None:
-    """A fast way to serialize the AdminBounce records of one batch, which
-    differ only in the per-message fields.
+def _template(kind: str, response: Response, nodeid: str,
+              now: float) -> Callable[[tuple], bytes] | None:
+    """A fast way to serialize the records of one packed batch, which differ
+    only in the per-message fields.
 
     ``make_record`` serializes one record with markers in those fields; the
     markers become ``%s``/``%d`` slots of a bytes format. ``fill`` takes the
@@ -273,7 +304,7 @@ def _admin_bounce_template(response: Response, nodeid: str,
     ``make_record`` it is, record by record.
     """
     mid, msender, mrcpt, mqueue, msize, mcreated, mattempts, mmeta, mctime, mproto = _MARKS
-    sample = make_record(ADMIN_BOUNCE, msg_id=mid, sender=msender, recipient=mrcpt, queue=mqueue,
+    sample = make_record(kind, msg_id=mid, sender=msender, recipient=mrcpt, queue=mqueue,
                          meta=mmeta, size=msize, created=0, num_attempts=mattempts,
                          nodeid=nodeid, response=response, reception_protocol=mproto, now=now)
     # created and created_time are two views of one number: mark them apart.

@@ -1,9 +1,11 @@
 """Wiring and lifecycle: build the parts, start them in order, stop them gracefully.
 
-Start order matters: the spool opens and the rules load before any listener
-opens (a rule that was in force before a restart is in force for the first
-message after it). Stop order is the reverse: listeners close first, then
-deliveries under way get a few seconds to finish, the rest is put back.
+Start order matters: every listening socket is bound first (a taken port
+stops the start before anything happens), then the spool opens and the
+rules load, and only then is anyone served (a rule that was in force before
+a restart is in force for the first message after it). Stop order is the
+reverse: listeners close first, then deliveries under way get a few seconds
+to finish, the rest is put back.
 """
 
 from __future__ import annotations
@@ -29,21 +31,24 @@ from .queues.manager import QueueManager
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
 from .reception.smtp import ReceptionHandler, start_smtp
-from .rules.control import RuleControl
-from .rules.store import RuleBook
+from .rules.bounce import Bounces
+from .rules.suspend import Suspensions
 from .spool import SqliteSpool
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 6.0
+PRUNE_SECONDS = 5.0
 
 
 @dataclass
 class Services:
+    """The parts the API reaches."""
+
     settings: Settings
     spool: SqliteSpool
-    rules: RuleBook
-    control: RuleControl
+    bounces: Bounces
+    suspensions: Suspensions
     manager: QueueManager
     intake: Intake
     stats: Counter[str]
@@ -92,20 +97,25 @@ class Server:
             node_id(settings.data_path)  # made here, before any part or child needs it
         except (OSError, NodeIdError) as exc:
             raise StartupError(f"server.data_dir {settings.server.data_dir}: {exc}") from None
+        nodeid = node_id(settings.data_path)
         spool = SqliteSpool(settings.data_path)
-        rules = RuleBook()
         router = Router(settings.routes,
                         mx or MxResolver(nameservers=settings.delivery.nameservers))
         stats: Counter[str] = Counter()
-        manager = QueueManager(settings, spool, rules, router, stats)
-        control = RuleControl(spool, rules, manager.pack_admin_bounces, manager.purge_ready,
-                              manager.rules_changed, stats, manager.owned)
-        intake = Intake(settings, spool, rules, manager.apply_received)
-        self.services = Services(settings, spool, rules, control, manager, intake, stats)
+        bounces = Bounces(spool, nodeid, stats)
+        suspensions = Suspensions(spool)
+        manager = QueueManager(settings, spool, bounces, suspensions, router, stats, nodeid)
         self.workers: WorkerPool | None = None
         self.delivery: DeliveryProcess | None = None
         if settings.server.workers > 0:
-            self.delivery = manager.delivery = DeliveryProcess(settings, manager, rules)
+            self.delivery = manager.delivery = DeliveryProcess(settings, manager)
+        bounces.delivery = manager.delivery
+        bounces.changed = suspensions.changed = self._rules_changed
+        suspensions.on_release = manager.wake
+        intake = Intake(settings, spool, bounces, suspensions, nodeid, stats,
+                        on_received=lambda queued: manager.wake())
+        self.services = Services(settings, spool, bounces, suspensions, manager, intake, stats)
+        self._pruner: asyncio.Task | None = None
         self._smtp_sockets: list[socket.socket] = []
         self._smtp_servers: list[asyncio.base_events.Server] = []
         self._http: _Uvicorn | None = None
@@ -124,10 +134,15 @@ class Server:
         except OSError as exc:
             raise StartupError(f"server.data_dir {self.settings.server.data_dir}: cannot open "
                                f"the spool: {exc.strerror or exc}") from None
-        await s.control.start()
+        # The rules before anything that checks them.
+        rows = await s.spool.load_rules()
+        await s.bounces.load(rows)
+        await s.suspensions.load(rows)
+        await s.manager.delivery.rules_changed(s.bounces.active(), s.suspensions.active())
         if self.delivery is not None:
             await self.delivery.start()
         s.manager.start()
+        self._pruner = asyncio.create_task(self._prune_loop(), name="rule-pruner")
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
                                 access_log=False, limit_concurrency=1000)
         self._http = _Uvicorn(config)
@@ -150,6 +165,23 @@ class Server:
         log.info("sluice started: smtp %s, http %s", self.settings.smtp.listen,
                  self.settings.http.listen)
 
+    async def _rules_changed(self) -> None:
+        """A rule came or went: in force where mail is sent before the API
+        answers, then promotion looks again."""
+        s = self.services
+        await s.manager.delivery.rules_changed(s.bounces.active(), s.suspensions.active())
+        s.manager.wake()
+
+    async def _prune_loop(self) -> None:
+        s = self.services
+        while True:
+            await asyncio.sleep(PRUNE_SECONDS)
+            for kind in (s.bounces, s.suspensions):
+                try:
+                    await kind.prune()
+                except Exception:
+                    log.exception("pruning expired %s rules failed", kind.kind)
+
     async def stop(self) -> None:
         s = self.services
         if self.workers is not None:
@@ -166,7 +198,11 @@ class Server:
             if proto.transport is not None:
                 proto.transport.close()
         await s.manager.stop(STOP_GRACE_SECONDS)
-        await s.control.stop()
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+        await s.bounces.stop()
         if self._http_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 2.0)

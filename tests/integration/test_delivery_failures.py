@@ -47,7 +47,7 @@ async def test_unexpected_exception_while_sending_ends_in_transient_failure_and_
         delivered = (await until(lambda: srv.records("Delivery")))[0]
         assert delivered["id"] == tf["id"] and delivered["num_attempts"] == 2
         assert sink.recipients() == ["a@example.com"]
-        assert srv.services.manager.owned == set()
+        assert srv.services.spool.in_hand == set()
     # logged with its traceback
     assert any(r.exc_info and "injected fault" in str(r.exc_info[1]) for r in caplog.records)
 
@@ -62,7 +62,7 @@ async def test_message_whose_outcome_could_not_be_recorded_is_reaped_and_retried
         manager = srv.services.manager
         await srv.send(["a@example.com"])
         await until(lambda: retries)
-        assert manager.owned == set()
+        assert srv.services.spool.in_hand == set()
         assert await manager.reap_orphans() == 1
         tf = await until(lambda: [r for r in srv.records("TransientFailure")
                                   if "attempt lost" in r["response"]["content"]])
@@ -82,7 +82,7 @@ async def test_bounce_sweep_takes_orphans_too(settings, sink, monkeypatch):
         assert resp.status_code == 200
         bounced = (await until(lambda: srv.records("AdminBounce")))[0]
         assert bounced["recipient"] == "a@example.com"
-        assert srv.services.spool.counts == {}
+        assert srv.services.spool.index.counts() == {}
         listed = (await srv.api("GET", "/api/admin/bounce/v1")).json()
         assert listed[0]["total_bounced"] == 1
     assert sink.recipients() == []

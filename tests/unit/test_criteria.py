@@ -99,10 +99,29 @@ def test_build_normalizes():
                          routing_domain="xn--bcher-kva.example", queue_names=None)
 
 
-def test_build_blank_values_mean_not_set():
-    c = Criteria.build(campaign="  ", tenant="", domain="", routing_domain=None)
+@pytest.mark.parametrize("field", ["campaign", "tenant", "domain", "routing_domain"])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_build_refuses_blank_values_as_the_api_does(field, blank):
+    """A blank criterion is a mistake, never "any" (the API answers 422)."""
+    with pytest.raises(ValueError, match=f"^{field}: must not be empty"):
+        Criteria.build(**{field: blank})
+
+
+def test_build_none_means_not_set():
+    c = Criteria.build(campaign=None, tenant=None, domain=None, routing_domain=None)
     assert c == Criteria()
     assert c.everything
+
+
+@pytest.mark.parametrize("names", [[], [""], ["a.com", " "]])
+def test_build_refuses_empty_queue_names(names):
+    with pytest.raises(ValueError, match="^queue_names: "):
+        Criteria.build(queue_names=names)
+
+
+def test_build_refuses_queue_names_with_criteria():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        Criteria.build(queue_names=["a.com"], tenant="t")
 
 
 def test_build_queue_names_stripped_and_deduplicated():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from sluice.config import settings_from_dict
@@ -147,10 +149,8 @@ def test_empty_header_section(body):
 # ---- Intake.meta_for: headers -> Meta ------------------------------------------------
 
 def intake(**raw) -> Intake:
-    async def report(summary):
-        return None
-
-    return Intake(settings_from_dict(raw), spool=None, rules=None, report=report)
+    return Intake(settings_from_dict(raw), spool=None, bounces=None, suspensions=None,
+                  nodeid="n", stats=Counter(), on_received=lambda queued: None)
 
 
 @pytest.mark.parametrize("lines,expected", [

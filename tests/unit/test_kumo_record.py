@@ -23,11 +23,11 @@ from sluice.logs import (
     TRANSIENT_FAILURE,
     Response,
     Tls,
-    admin_bounce_response,
     expand,
     make_record,
-    pack_admin_bounces,
+    pack_records,
 )
+from sluice.rules.bounce import admin_bounce_response
 
 from ..kumo_record import parse
 
@@ -80,9 +80,9 @@ def test_each_record_kind_parses_as_kumomta_json_log_record(kind, kw):
 
 
 def test_expanded_admin_bounces_parse_as_kumomta_records():
-    entry = pack_admin_bounces([("id1", "s@x.org", "r@y.com", "y.com", 10, 1.5, 2, "ESMTP"),
-                                ("id2", "", "r2@y.com", "y.com", 11, 2.5, 0, None)],
-                               "wrong campaign", NODE, {})
+    entry = pack_records(ADMIN_BOUNCE, admin_bounce_response("wrong campaign"), NODE, {},
+                         [("id1", "s@x.org", "r@y.com", "y.com", 10, 1.5, 2, "ESMTP"),
+                          ("id2", "", "r2@y.com", "y.com", 11, 2.5, 0, None)])
     lines = expand(entry).split(b"\n")
     assert [parse(line).id for line in lines] == ["id1", "id2"]
     assert orjson.loads(lines[0])["reception_protocol"] == "ESMTP"

@@ -1,4 +1,4 @@
-"""Packed AdminBounce batches expand to exactly the records make_record writes."""
+"""Packed batches of records expand to exactly the records make_record writes."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.logs import (
-    ADMIN_BOUNCE,
-    admin_bounce_response,
-    expand,
-    make_record,
-    pack_admin_bounces,
-)
+from sluice.logs import ADMIN_BOUNCE, PACKED, expand, make_record, pack_records
+from sluice.rules.bounce import admin_bounce_response
 
 text = st.text(min_size=0, max_size=40)
 row = st.tuples(text, text, text, st.sampled_from(["a.com", "c1:t1@b.com", "ü%s@x.org"]),
@@ -21,8 +16,8 @@ row = st.tuples(text, text, text, st.sampled_from(["a.com", "c1:t1@b.com", "ü%s
 
 
 def one_by_one(entry: bytes) -> bytes:
-    batch = orjson.loads(entry[4:])
-    response = admin_bounce_response(batch["reason"])
+    batch = orjson.loads(entry[len(PACKED):])
+    response = admin_bounce_response(batch["response"]["content"].partition(": ")[2])
     return b"\n".join(
         make_record(ADMIN_BOUNCE, msg_id=i, sender=s, recipient=r, queue=q,
                     meta=batch["meta"].get(q, {}), size=size, created=created,
@@ -31,11 +26,15 @@ def one_by_one(entry: bytes) -> bytes:
         for i, s, r, q, size, created, attempts, proto in batch["rows"])
 
 
+def pack(rows, reason, nodeid, meta):
+    return pack_records(ADMIN_BOUNCE, admin_bounce_response(reason), nodeid, meta, rows)
+
+
 @settings(max_examples=200, deadline=None)
 @given(rows=st.lists(row, min_size=1, max_size=20), reason=text, nodeid=text)
 def test_expansion_is_byte_for_byte_make_record(rows, reason, nodeid):
     meta = {"c1:t1@b.com": {"campaign": "c1", "tenant": "t1"}}
-    entry = pack_admin_bounces(rows, reason, nodeid, meta)
+    entry = pack(rows, reason, nodeid, meta)
     out = expand(entry)
     assert out == one_by_one(entry)
     records = [orjson.loads(line) for line in out.split(b"\n")]
@@ -47,7 +46,7 @@ def test_reason_that_looks_like_a_marker_still_expands_right():
     rows = [("id1", "s@x", "r@y", "a.com", 10, 1.5, 1, "ESMTP")]
     for reason in ["-9007199254740001", "\x00id\x00", "\x00ctime\x00", "%d %s %%",
                    '"quoted" \\ back']:
-        entry = pack_admin_bounces(rows, reason, "node", {})
+        entry = pack(rows, reason, "node", {})
         assert expand(entry) == one_by_one(entry)
         assert orjson.loads(expand(entry))["response"]["content"].endswith(reason)
 
@@ -57,10 +56,12 @@ def test_unpacked_entries_pass_through():
     assert expand(rec) == rec
 
 
-def test_packed_batches_of_an_older_spool_still_expand():
-    """Outbox rows written before rows carried the reception protocol."""
+def test_packed_batches_of_an_older_version_still_expand():
+    """AdminBounce batches written before batches named their kind and rows
+    carried the reception protocol."""
     entry = b"\x00AB1" + orjson.dumps({"reason": "r", "nodeid": "n", "now": 5.0, "meta": {},
                                         "rows": [["id1", "s@x", "r@y", "a.com", 10, 1.5, 1]]})
     rec = orjson.loads(expand(entry))
-    assert (rec["id"], rec["reception_protocol"], rec["created_time"]) == (
-        "id1", None, "1970-01-01T00:00:01.500000Z")
+    assert (rec["id"], rec["type"], rec["reception_protocol"], rec["created_time"]) == (
+        "id1", "AdminBounce", None, "1970-01-01T00:00:01.500000Z")
+    assert rec["response"]["content"] == "Administrator bounced with reason: r"

@@ -1,4 +1,4 @@
-"""``/api/admin/bounce/v1``: cancel queued mail (SPEC section 8)."""
+"""``/api/admin/bounce/v1``: cancel queued mail (KumoMTA's admin bounce API)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 from fastapi import APIRouter, Depends, HTTPException
 
 from ..durations import format_duration
+from ..rules.book import Rule
 from ..rules.criteria import Criteria
-from ..rules.store import BOUNCE, Rule
 from .deps import services
 from .models import (
     ERROR_RESPONSES,
@@ -17,34 +17,40 @@ from .models import (
     BounceResponse,
     DryRunResponse,
     ErrorResponse,
+    FieldError,
     RuleId,
+    RuleRequest,
 )
 
 router = APIRouter(prefix="/api/admin/bounce/v1", tags=["bounce"], responses=ERROR_RESPONSES)
 
 
-def criteria_of(req: BounceRequest) -> Criteria:
-    return Criteria(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
-                    routing_domain=req.routing_domain,
-                    queue_names=tuple(sorted(set(req.queue_names))) if req.queue_names else None)
+def criteria_of(req: RuleRequest) -> Criteria:
+    """The request's selection, normalized (the one path from operator input to criteria)."""
+    try:
+        return Criteria.build(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
+                              routing_domain=req.routing_domain, queue_names=req.queue_names)
+    except ValueError as exc:
+        field, _, problem = str(exc).partition(": ")
+        raise FieldError(field if problem else "body", problem or str(exc)) from None
 
 
-def list_entry(rule: Rule, remaining: float) -> dict:
+def list_entry(rule: Rule) -> dict:
+    """What the lists of both rule kinds show of a rule."""
     c = rule.criteria
     return {"id": rule.id, "campaign": c.campaign, "tenant": c.tenant, "domain": c.domain,
             "routing_domain": c.routing_domain, "queue_names": list(c.queue_names or ()),
-            "reason": rule.reason, "duration": format_duration(math.floor(remaining))}
+            "reason": rule.reason, "duration": format_duration(math.floor(rule.remaining()))}
 
 
-@router.post("", response_model=BounceResponse | DryRunResponse,
-             )
+@router.post("", response_model=BounceResponse | DryRunResponse)
 async def create_bounce(req: BounceRequest, svc=Depends(services)) -> dict:
     """Bounce matching queued mail now, and matching new mail until the rule expires."""
     criteria = criteria_of(req)
     if req.dry_run:
-        queues = svc.control.matching_queues(criteria)
+        queues = svc.bounces.dry_run(criteria)
         return {"dry_run": True, "queues": queues, "total": sum(queues.values())}
-    rule = await svc.control.create(BOUNCE, criteria, req.reason, req.expires_at(),
+    rule = await svc.bounces.create(criteria, req.reason, req.expires_at(),
                                     suppress_logging=req.suppress_logging)
     return {"id": rule.id, "bounced": {}, "total_bounced": 0}
 
@@ -52,18 +58,12 @@ async def create_bounce(req: BounceRequest, svc=Depends(services)) -> dict:
 @router.get("", response_model=list[BounceListEntry])
 async def list_bounces(svc=Depends(services)) -> list[dict]:
     """The bounce rules in force, with what each has bounced so far."""
-    out = []
-    for rule in svc.rules.active(BOUNCE):
-        entry = list_entry(rule, svc.control.remaining(rule))
-        entry["bounced"] = {q: n for q, n in rule.bounced.items() if n}
-        entry["total_bounced"] = rule.total_bounced
-        out.append(entry)
-    return out
+    return [{**list_entry(rule), **svc.bounces.counts(rule)} for rule in svc.bounces.active()]
 
 
 @router.delete("", responses={404: {"model": ErrorResponse}})
 async def cancel_bounce(req: RuleId, svc=Depends(services)) -> dict:
     """Stop a bounce rule. Mail it already bounced stays bounced."""
-    if not await svc.control.cancel(BOUNCE, str(req.id)):
+    if await svc.bounces.cancel(str(req.id)) is None:
         raise HTTPException(status_code=404, detail=f"no active bounce rule with id {req.id}")
     return {"id": str(req.id), "cancelled": True}

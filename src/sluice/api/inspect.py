@@ -20,7 +20,7 @@ async def inspect_message(id: str = Query(min_length=1, max_length=64, descripti
     if msg is None:
         raise HTTPException(status_code=404, detail=f"no queued message with id {id}")
     out = {"id": msg.id, "sender": msg.sender, "recipient": msg.recipient, "queue": msg.queue,
-           "meta": svc.manager.meta(msg.queue),
+           "meta": svc.spool.index.parts(msg.queue).meta(),
            "created": rfc3339(msg.created), "attempts": msg.attempts, "due": rfc3339(msg.due)}
     if want_body:
         try:

@@ -38,9 +38,8 @@ class _Collector:
             yield c
         q = GaugeMetricFamily("sluice_scheduled_queue_size", "Messages in a scheduled queue.",
                               labels=["queue"])
-        for name, n in list(self.svc.spool.counts.items()):
-            if n > 0:
-                q.add_metric([name], n)
+        for name, n in self.svc.spool.index.counts().items():
+            q.add_metric([name], n)
         yield q
         r = GaugeMetricFamily("sluice_ready_queue_size", "Messages promoted for a site.",
                               labels=["site"])
@@ -52,7 +51,7 @@ class _Collector:
         yield r
         yield conns
         total = GaugeMetricFamily("sluice_spool_messages", "Messages in the spool.")
-        total.add_metric([], sum(self.svc.spool.counts.values()))
+        total.add_metric([], self.svc.spool.index.total())
         yield total
         size = GaugeMetricFamily("sluice_spool_bytes", "Size of the spool on disk.")
         size.add_metric([], self.svc.spool.size_bytes())

@@ -18,5 +18,5 @@ async def liveness() -> dict:
 @router.get("/metrics.json")
 async def metrics_json(svc=Depends(services)) -> dict:
     """Scheduled queue sizes and per-site ready queue figures."""
-    scheduled = {q: n for q, n in list(svc.spool.counts.items()) if n > 0}
+    scheduled = svc.spool.index.counts()
     return {"scheduled": scheduled, "ready": await svc.manager.delivery.figures()}

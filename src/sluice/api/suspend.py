@@ -1,12 +1,10 @@
-"""``/api/admin/suspend/v1``: hold queued mail without bouncing it (SPEC section 9)."""
+"""``/api/admin/suspend/v1``: hold queued mail without bouncing it."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException
 
-from ..rules.criteria import Criteria
-from ..rules.store import SUSPEND
-from .bounce import list_entry
+from .bounce import criteria_of, list_entry
 from .deps import services
 from .models import ERROR_RESPONSES, ErrorResponse, RuleId, RuleListEntry, SuspendRequest, SuspendResponse
 
@@ -16,22 +14,19 @@ router = APIRouter(prefix="/api/admin/suspend/v1", tags=["suspend"], responses=E
 @router.post("", response_model=SuspendResponse)
 async def create_suspend(req: SuspendRequest, svc=Depends(services)) -> dict:
     """Hold matching mail in its queue until the suspension ends."""
-    criteria = Criteria(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
-                        routing_domain=req.routing_domain,
-                        queue_names=tuple(sorted(set(req.queue_names))) if req.queue_names else None)
-    rule = await svc.control.create(SUSPEND, criteria, req.reason, req.expires_at())
+    rule = await svc.suspensions.create(criteria_of(req), req.reason, req.expires_at())
     return {"id": rule.id}
 
 
 @router.get("", response_model=list[RuleListEntry])
 async def list_suspends(svc=Depends(services)) -> list[dict]:
     """The suspensions in force."""
-    return [list_entry(r, svc.control.remaining(r)) for r in svc.rules.active(SUSPEND)]
+    return [list_entry(r) for r in svc.suspensions.active()]
 
 
 @router.delete("", responses={404: {"model": ErrorResponse}})
 async def cancel_suspend(req: RuleId, svc=Depends(services)) -> dict:
     """End a suspension: held mail is delivered within seconds."""
-    if not await svc.control.cancel(SUSPEND, str(req.id)):
+    if await svc.suspensions.cancel(str(req.id)) is None:
         raise HTTPException(status_code=404, detail=f"no active suspension with id {req.id}")
     return {"id": str(req.id), "cancelled": True}

@@ -14,19 +14,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..config import Settings
-from ..ipc import Channel, ChannelClosed, RemoteError, spawn, started
-from ..logs import Attempt
+from ..ipc import (
+    Channel,
+    ChannelClosed,
+    Dispatch,
+    Figures,
+    Outcome,
+    PushRules,
+    Ready,
+    RemoteError,
+    Stop,
+    Withdraw,
+    spawn,
+    started,
+)
 from ..message import QueueName
-from ..rules.store import BOUNCE, SUSPEND, RuleBook
 from ..spool import Stored
-from .worker import response_from_wire
 
 if TYPE_CHECKING:
     from ..queues.manager import QueueManager
+    from ..rules.book import Rule
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +45,15 @@ RULES_TIMEOUT = 5.0
 
 
 class DeliveryProcess:
-    def __init__(self, settings: Settings, manager: QueueManager, rules: RuleBook) -> None:
+    """The ``DeliveryPort`` of the delivery process; the queue manager
+    records the fates it reports."""
+
+    def __init__(self, settings: Settings, manager: QueueManager,
+                 bounces: Sequence[Rule] = (), suspensions: Sequence[Rule] = ()) -> None:
         self.settings = settings
         self.manager = manager
-        self.rules = rules
+        self._bounces, self._suspensions = list(bounces), list(suspensions)
+        self._rules_version = 0
         self.out: dict[str, Stored] = {}  # handed over, fate not known yet
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: Channel | None = None
@@ -58,15 +74,12 @@ class DeliveryProcess:
     async def _spawn(self, timeout: float) -> None:
         ready = asyncio.Event()
 
-        async def handle(msg: dict[str, Any], payload: bytes) -> Any:
-            if msg["type"] == "outcome":
-                return await self._outcome(msg)
-            if msg["type"] == "ready":
-                ready.set()
-                return True
-            return None
+        async def on_ready(msg: Ready, payload: bytes) -> bool:
+            ready.set()
+            return True
 
-        self.proc, self.channel = await spawn("sluice.delivery.worker", self.settings, handle)
+        self.proc, self.channel = await spawn("sluice.delivery.worker", self.settings,
+                                              {Outcome: self._outcome, Ready: on_ready})
         if not await started(self.proc, ready, timeout):
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
@@ -75,9 +88,9 @@ class DeliveryProcess:
                                f"(exit status {self.proc.returncode})")
         # The rules before any message; again if they changed meanwhile.
         while True:
-            version = self.rules.version
+            version = self._rules_version
             await self.channel.call(self._rules_message(), timeout=RULES_TIMEOUT)
-            if version == self.rules.version:
+            if version == self._rules_version:
                 break
         self._up = True
         self._schedule_flush()
@@ -117,7 +130,7 @@ class DeliveryProcess:
                 await self._watcher
         if self._up and self.channel is not None:
             with contextlib.suppress(ChannelClosed, TimeoutError, RemoteError):
-                await self.channel.call({"type": "stop", "grace": grace}, timeout=grace + 5.0)
+                await self.channel.call(Stop(grace=grace), timeout=grace + 5.0)
         self._up = False
         if self.channel is not None:
             await self.channel.close()  # a process that did not stop sees its channel close
@@ -149,12 +162,10 @@ class DeliveryProcess:
         if not self._up or not self._pending or self.channel is None:
             return
         batch, self._pending = self._pending, []
-        queues = {m.queue: [p.domain, p.campaign, p.tenant, p.routing_domain] for m, p in batch}
-        msgs = [[m.id, m.queue, m.sender, m.recipient, m.body_id, m.size, m.created, m.due,
-                 m.attempts, m.protocol] for m, _ in batch]
-        self._call({"type": "dispatch", "queues": queues, "msgs": msgs}, [m for m, _ in batch])
+        msgs = [m for m, _ in batch]
+        self._call(Dispatch(queues={m.queue: p for m, p in batch}, msgs=msgs), msgs)
 
-    def _call(self, msg: dict[str, Any], batch: list[Stored]) -> None:
+    def _call(self, msg: Dispatch, batch: list[Stored]) -> None:
         """Send without waiting for the answer (a lost process is the watcher's
         business); a batch the process refused goes back to its queues."""
         assert self.channel is not None
@@ -172,27 +183,38 @@ class DeliveryProcess:
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    def take(self, pred: Callable[[Stored], bool]) -> list[Stored]:
-        """Messages not yet sent over that ``pred`` selects (the delivery
-        process gives back its own waiting ones when it gets the new rules)."""
-        taken = [m for m, _ in self._pending if pred(m)]
-        if taken:
-            ids = {m.id for m in taken}
+    async def withdraw(self, rule: Rule) -> list[Stored]:
+        """Messages ``rule`` selects: those not sent over yet, and those the
+        delivery process has waiting in its ready queues (it has the rule: the
+        rules are pushed before this is called)."""
+        selected = [m for m, p in self._pending if rule.criteria.matches(m.queue, p)]
+        if selected:
+            ids = {m.id for m in selected}
             self._pending = [(m, p) for m, p in self._pending if m.id not in ids]
-            for m in taken:
-                self.out.pop(m.id, None)
-        return taken
+        if self._up and self.channel is not None:
+            try:
+                waiting = await self.channel.call(Withdraw(rule_id=rule.id),
+                                                  timeout=RULES_TIMEOUT, returns=list[str])
+            except (ChannelClosed, TimeoutError, RemoteError):
+                waiting = []  # the check before DATA stops them in any case
+            ids = set(waiting) - {m.id for m in selected}
+            selected += [self.out[i] for i in ids if i in self.out]
+        for m in selected:
+            self.out.pop(m.id, None)
+        return selected
 
-    def _rules_message(self) -> dict[str, Any]:
-        rows = [r.to_row() for r in self.rules.active(BOUNCE) + self.rules.active(SUSPEND)]
-        return {"type": "rules", "rules": rows}
+    def _rules_message(self) -> PushRules:
+        return PushRules(bounces=[r.to_row() for r in self._bounces],
+                         suspensions=[r.to_row() for r in self._suspensions])
 
-    async def rules_changed(self) -> None:
+    async def rules_changed(self, bounces: Sequence[Rule], suspensions: Sequence[Rule]) -> None:
         """Put the rules in force in the delivery process before returning.
 
         If it does not confirm, it is stopped for good (SIGKILL) before this
         returns, and its replacement gets the rules before any message.
         """
+        self._bounces, self._suspensions = list(bounces), list(suspensions)
+        self._rules_version += 1
         if not self._up or self.channel is None or self.proc is None:
             return  # not up: it gets the rules before it gets any message
         try:
@@ -207,28 +229,27 @@ class DeliveryProcess:
         if not self._up or self.channel is None:
             return {}
         try:
-            return await self.channel.call({"type": "figures"}, timeout=5.0)
+            return await self.channel.call(Figures(), timeout=5.0,
+                                           returns=dict[str, dict[str, int]])
         except (ChannelClosed, TimeoutError, RemoteError):
             return {}
 
     # -- fates -------------------------------------------------------------
 
-    async def _outcome(self, msg: dict[str, Any]) -> bool:
-        stored = self.out.pop(msg["id"], None)
+    async def _outcome(self, msg: Outcome, payload: bytes) -> bool:
+        stored = self.out.pop(msg.id, None)
         if stored is None:
             return False
         m = self.manager
-        kind = msg["kind"]
-        if kind == "stopped":
+        if msg.kind == "stopped":
             await m.dispose_stopped(stored)
             return True
-        resp = response_from_wire(msg["response"])
-        assert resp is not None
-        attempt = Attempt.from_wire(msg["attempt"])
-        if kind == "delivered":
-            await m.delivered(stored, resp, attempt)
-        elif kind == "bounced":
-            await m.bounced(stored, resp, attempt)
+        assert msg.response is not None
+        if msg.kind == "delivered":
+            await m.delivered(stored, msg.response, msg.attempt)
+        elif msg.kind == "bounced":
+            await m.bounced(stored, msg.response, msg.attempt)
         else:
-            await m.attempt_failed(stored, resp, attempt, count_attempt=msg["count_attempt"])
+            await m.attempt_failed(stored, msg.response, msg.attempt,
+                                   count_attempt=msg.count_attempt)
         return True

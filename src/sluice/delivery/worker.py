@@ -9,9 +9,10 @@ which the main process's queue manager records. Bodies are read from the
 spool directly (read-only).
 
 Rules: the main process pushes every active bounce and suspend rule
-(``rules``) when one comes or goes, and its API answers only once this
+(``PushRules``) when one comes or goes, and its API answers only once this
 process has them; the check right before DATA uses them. Waiting mail that a
-new bounce rule catches is handed back at once.
+new bounce rule selects is handed back when the main process asks
+(``Withdraw``).
 """
 
 from __future__ import annotations
@@ -22,28 +23,15 @@ import socket
 from typing import Any
 
 from ..config import Settings
-from ..ipc import Channel, child_main
-from ..logs import NO_ATTEMPT, Attempt, Response
+from ..ipc import Channel, Dispatch, Figures, Outcome, PushRules, Ready, Stop, Withdraw, child_main
+from ..logs import Attempt, Response
 from ..message import QueueName
-from ..queues.dispatch import Dispatcher, Outcomes
-from ..rules.store import RuleBook
+from ..rules.book import BOUNCE, SUSPEND, RuleBook
 from ..spool import Stored
 from ..spool.sqlite import SpoolReader
+from .dispatch import Dispatcher, Outcomes
 from .mx import MxResolver
 from .routes import Router
-
-
-def response_to_wire(resp: Response | None) -> list | None:
-    if resp is None:
-        return None
-    return [resp.code, resp.content, resp.enhanced, resp.command]
-
-
-def response_from_wire(data: list | None) -> Response | None:
-    if data is None:
-        return None
-    code, content, enhanced, command = data
-    return Response(code, content, tuple(enhanced) if enhanced else None, command)
 
 
 class Upstream(Outcomes):
@@ -51,39 +39,37 @@ class Upstream(Outcomes):
 
     def __init__(self, settings: Settings, reader: SpoolReader) -> None:
         self.settings = settings
-        self.rules = RuleBook()
+        self.bounces = RuleBook(BOUNCE)
+        self.suspensions = RuleBook(SUSPEND)
         self.parts: dict[str, QueueName] = {}
         self.channel: Channel | None = None
         self._reader = reader
 
     def may_send_data(self, msg: Stored) -> bool:
-        return not self.rules.stops(msg.queue, self.parts[msg.queue])
-
-    def bounced_now(self, msg: Stored) -> bool:
-        return self.rules.bounce_for(msg.queue, self.parts[msg.queue]) is not None
+        parts = self.parts[msg.queue]
+        return (self.bounces.match(msg.queue, parts) is None
+                and self.suspensions.match(msg.queue, parts) is None)
 
     async def dispose_stopped(self, msg: Stored) -> None:
-        await self._tell("stopped", msg)
+        await self._tell(Outcome(kind="stopped", id=msg.id))
 
     async def delivered(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
-        await self._tell("delivered", msg, resp, attempt)
+        await self._tell(Outcome(kind="delivered", id=msg.id, response=resp, attempt=attempt))
 
     async def bounced(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
-        await self._tell("bounced", msg, resp, attempt)
+        await self._tell(Outcome(kind="bounced", id=msg.id, response=resp, attempt=attempt))
 
     async def attempt_failed(self, msg: Stored, resp: Response, attempt: Attempt,
                              count_attempt: bool = True) -> None:
-        await self._tell("failed", msg, resp, attempt, count_attempt)
+        await self._tell(Outcome(kind="failed", id=msg.id, response=resp, attempt=attempt,
+                                 count_attempt=count_attempt))
 
     async def load_body(self, body_id: int) -> bytes:
         return await self._reader.load_body(body_id)
 
-    async def _tell(self, kind: str, msg: Stored, resp: Response | None = None,
-                    attempt: Attempt = NO_ATTEMPT, count_attempt: bool = True) -> None:
+    async def _tell(self, outcome: Outcome) -> None:
         assert self.channel is not None
-        await self.channel.call({"type": "outcome", "kind": kind, "id": msg.id,
-                                 "response": response_to_wire(resp),
-                                 "attempt": attempt.to_wire(), "count_attempt": count_attempt})
+        await self.channel.call(outcome)
 
 
 async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket.socket]) -> None:
@@ -100,32 +86,35 @@ async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def handle(msg: dict[str, Any], payload: bytes) -> Any:
-        kind = msg["type"]
-        if kind == "rules":
-            book = RuleBook()
-            book.load(msg["rules"])
-            upstream.rules = book
-            for m in dispatcher.take(upstream.bounced_now):
-                run(upstream.dispose_stopped(m))
-            return True
-        if kind == "dispatch":
-            for name, parts in msg["queues"].items():
-                upstream.parts[name] = QueueName(*parts)
-            for row in msg["msgs"]:
-                m = Stored(*row)
-                run(dispatcher.dispatch(m, upstream.parts[m.queue]))
-            return True
-        if kind == "figures":
-            return await dispatcher.figures()
-        if kind == "stop":
-            left = await dispatcher.stop(msg["grace"])
-            asyncio.get_running_loop().call_soon(stop.set)
-            return [m.id for m in left]
-        return None
+    async def on_rules(msg: PushRules, payload: bytes) -> bool:
+        bounces, suspensions = RuleBook(BOUNCE), RuleBook(SUSPEND)
+        bounces.load(msg.bounces)
+        suspensions.load(msg.suspensions)
+        upstream.bounces, upstream.suspensions = bounces, suspensions
+        return True
 
-    channel = upstream.channel = await Channel.over(sock, handle)
-    await channel.call({"type": "ready", "pid": os.getpid()})
+    async def on_dispatch(msg: Dispatch, payload: bytes) -> bool:
+        upstream.parts.update(msg.queues)
+        for m in msg.msgs:
+            run(dispatcher.dispatch(m, upstream.parts[m.queue]))
+        return True
+
+    async def on_withdraw(msg: Withdraw, payload: bytes) -> list[str]:
+        rule = upstream.bounces.get(msg.rule_id)
+        return [m.id for m in dispatcher.take_matching(rule)] if rule is not None else []
+
+    async def on_figures(msg: Figures, payload: bytes) -> dict[str, dict[str, int]]:
+        return await dispatcher.figures()
+
+    async def on_stop(msg: Stop, payload: bytes) -> list[str]:
+        left = await dispatcher.stop(msg.grace)
+        asyncio.get_running_loop().call_soon(stop.set)
+        return [m.id for m in left]
+
+    channel = upstream.channel = await Channel.over(sock, {
+        PushRules: on_rules, Dispatch: on_dispatch, Withdraw: on_withdraw, Figures: on_figures,
+        Stop: on_stop})
+    await channel.call(Ready(pid=os.getpid()))
     stop_wait = asyncio.create_task(stop.wait())
     closed = asyncio.create_task(channel.wait_closed())
     await asyncio.wait({stop_wait, closed}, return_when=asyncio.FIRST_COMPLETED)

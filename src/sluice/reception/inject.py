@@ -14,14 +14,16 @@ from collections.abc import Iterable
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formataddr, formatdate, make_msgid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.sandbox
 
-from ..api.models import InjectAddress, InjectAttachment, InjectBuilder, InjectRequest
 from ..message import AddressError, split_address
 from .lines import fold_long_lines
+
+if TYPE_CHECKING:  # the request types live with the API's other types
+    from ..api.models import InjectAttachment, InjectBuilder, InjectRequest
 
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
 
@@ -88,8 +90,10 @@ class Composer:
     def _build(self, ctx: dict[str, Any], rcpt: Any) -> bytes:
         b: InjectBuilder = self.req.content  # type: ignore[assignment]
         msg = EmailMessage(policy=SMTP)
-        sender = b.from_ or InjectAddress(email=self.req.envelope_sender)
-        msg["From"] = formataddr((sender.name or "", sender.email))
+        if b.from_ is not None:
+            msg["From"] = formataddr((b.from_.name or "", b.from_.email))
+        else:
+            msg["From"] = self.req.envelope_sender
         msg["To"] = formataddr((rcpt.name or "", rcpt.email))
         if self.parts["subject"] is not None:
             msg["Subject"] = self.parts["subject"].render(ctx)

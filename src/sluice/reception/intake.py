@@ -1,25 +1,29 @@
 """What every received message goes through, whatever protocol brought it.
 
 ``Intake.accept`` turns one body and its recipients into messages: the queue
-from the headers and config, the bounce rules checked (a caught message is
-logged Reception + AdminBounce and never queued), one durable commit for all
-of them. It returns once the commit is fsync'd: only then may the client be
-told 250 (DESIGN invariant 1).
+from the headers and config, the rules checked (a message a bounce rule
+catches is logged Reception + AdminBounce and never queued; one a suspension
+selects is stored held), one durable commit for all of them. It returns once
+the commit is fsync'd: only then may the client be told 250 (see
+docs/ARCHITECTURE.md, "Durable before acknowledged").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..config import Settings
-from ..logs import ADMIN_BOUNCE, RECEPTION, Response, admin_bounce_response, make_record
+from ..logs import RECEPTION, Response, make_record
 from ..message import Meta, normalize_label, queue_for, split_address
-from ..node import node_id
-from ..rules.store import RuleBook
-from ..spool import Inbound, SqliteSpool, new_message_id
+from ..spool import Inbound, Spool, new_message_id
+
+if TYPE_CHECKING:
+    from ..rules.bounce import Bounces
+    from ..rules.suspend import Suspensions
 
 
 def header_values(body: bytes, names: list[str]) -> dict[str, str]:
@@ -55,42 +59,22 @@ class Accepted:
     bounced: int
 
 
-def summarize(items: list[Inbound]) -> dict[str, Any]:
-    """What the queue side must learn of a committed reception (JSON-able).
-
-    ``queues``: [name, domain, campaign, tenant, routing_domain, queued, held]
-    per queue; ``bounced``: [rule_id, queue, n] for messages a rule caught.
-    """
-    queues: dict[str, list] = {}
-    bounced: dict[tuple[str, str], int] = {}
-    for i in items:
-        name = str(i.queue)
-        if i.terminal:
-            if i.rule_id:
-                bounced[(i.rule_id, name)] = bounced.get((i.rule_id, name), 0) + 1
-            continue
-        q = i.queue
-        entry = queues.setdefault(name, [name, q.domain, q.campaign, q.tenant, q.routing_domain,
-                                         0, i.held])
-        entry[5] += 1
-    return {"received": len(items), "queues": list(queues.values()),
-            "bounced": [[rid, q, n] for (rid, q), n in bounced.items()]}
-
-
-Report = Callable[[dict[str, Any]], Awaitable[None]]
-
-
 class Intake:
-    """``report`` hands each committed reception's summary to the queue side
-    (its counters, the rules' counts, the promotion wake-up)."""
+    """Turns received mail into stored messages (see the module docstring).
 
-    def __init__(self, settings: Settings, spool: SqliteSpool, rules: RuleBook,
-                 report: Report) -> None:
+    ``on_received(queued)`` runs after each commit: the queue side's cue
+    that new mail may be due."""
+
+    def __init__(self, settings: Settings, spool: Spool, bounces: Bounces,
+                 suspensions: Suspensions, nodeid: str, stats: Counter[str],
+                 on_received: Callable[[int], None]) -> None:
         self.settings = settings
         self.spool = spool
-        self.rules = rules
-        self.report = report
-        self.nodeid = node_id(settings.data_path)
+        self.bounces = bounces
+        self.suspensions = suspensions
+        self.nodeid = nodeid
+        self.stats = stats
+        self.on_received = on_received
 
     def meta_for(self, body: bytes, domain: str) -> Meta:
         s = self.settings.smtp
@@ -107,11 +91,11 @@ class Intake:
                      peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
         """Store one message per recipient; returns once durable."""
         now = time.time()
-        node = self.nodeid
+        size = len(body)
         # The reply that acknowledges the message: to the end of DATA (".") in SMTP.
         ack = Response(250, "OK", (2, 0, 0), None if protocol == "HTTP" else ".")
         items: list[Inbound] = []
-        bounced = 0
+        caught: Counter[tuple[str, str]] = Counter()
         meta_cache: dict[str, Meta] = {}
         for rcpt in recipients:
             _, domain = split_address(rcpt)
@@ -121,24 +105,30 @@ class Intake:
             queue = queue_for(domain, meta)
             name = str(queue)
             msg_id = new_message_id(name)
-            common = dict(msg_id=msg_id, sender=sender, recipient=rcpt, queue=name,
-                          meta=meta.as_dict(), size=len(body), created=now, nodeid=node,
-                          peer=peer, reception_protocol=protocol, session_id=session_id, now=now)
-            records = [make_record(RECEPTION, num_attempts=0, response=ack, **common)]
             item = Inbound(id=msg_id, queue=queue, sender=sender, recipient=rcpt, created=now,
-                           protocol=protocol, records=records)
-            rule = self.rules.bounce_for(name, queue)
+                           protocol=protocol)
+            item.records.append(make_record(
+                RECEPTION, msg_id=msg_id, sender=sender, recipient=rcpt, queue=name,
+                meta=meta.as_dict(), size=size, created=now, num_attempts=0, nodeid=self.nodeid,
+                response=ack, peer=peer, reception_protocol=protocol, session_id=session_id,
+                now=now))
+            rule = self.bounces.check(name, queue)
             if rule is not None:
                 item.terminal = True
                 item.rule_id = rule.id
-                if not rule.suppress_logging:
-                    records.append(make_record(ADMIN_BOUNCE, num_attempts=0,
-                                               response=admin_bounce_response(rule.reason),
-                                               **{**common, "peer": None}))
-                bounced += 1
+                rec = self.bounces.record_at_reception(item, rule, size=size, meta=meta.as_dict(),
+                                                       session_id=session_id)
+                if rec is not None:
+                    item.records.append(rec)
+                caught[(rule.id, name)] += 1
             else:
-                item.held = self.rules.suspended(name, queue) is not None
+                item.held = self.suspensions.check(name, queue) is not None
             items.append(item)
         await self.spool.receive(body, items)
-        await self.report(summarize(items))
-        return Accepted(ids=[i.id for i in items], bounced=bounced)
+        self.stats[RECEPTION] += len(items)
+        for (rule_id, name), n in caught.items():
+            self.bounces.counted(rule_id, [(name, n)])
+        queued = len(items) - sum(caught.values())
+        if queued:
+            self.on_received(queued)
+        return Accepted(ids=[i.id for i in items], bounced=sum(caught.values()))

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import Any
 
 from ..config import Settings
-from ..ipc import Channel, spawn, started
+from ..ipc import Accept, Channel, Ready, Records, Stop, spawn, started
+from ..ipc import Accepted as AcceptAnswer
 from ..message import AddressError
 from .intake import Intake
 
@@ -53,19 +53,13 @@ class WorkerPool:
     async def _spawn(self, w: _Worker) -> None:
         w.ready.clear()
 
-        async def handle(msg: dict[str, Any], payload: bytes) -> Any:
-            if msg["type"] == "accept":
-                return await self._accept(msg, payload)
-            if msg["type"] == "records":
-                await self.intake.add_records(payload.split(b"\n"))
-                return True
-            if msg["type"] == "ready":
-                w.ready.set()
-                return True
-            return None
+        async def on_ready(msg: Ready, payload: bytes) -> bool:
+            w.ready.set()
+            return True
 
-        w.proc, w.channel = await spawn("sluice.reception.worker", self.settings, handle,
-                                        self.listeners)
+        w.proc, w.channel = await spawn(
+            "sluice.reception.worker", self.settings,
+            {Accept: self._accept, Records: self._records, Ready: on_ready}, self.listeners)
         self._watchers.append(asyncio.create_task(self._watch(w), name=f"worker-{w.index}"))
 
     async def _watch(self, w: _Worker) -> None:
@@ -80,26 +74,27 @@ class WorkerPool:
         if not self._stopping:
             await self._spawn(w)
 
-    async def _accept(self, msg: dict[str, Any], body: bytes) -> dict[str, Any]:
-        """A worker's message: stored (and answered) like one received here."""
-        peer = msg["peer"]
+    async def _accept(self, msg: Accept, body: bytes) -> AcceptAnswer:
+        """A worker's message: stored (and answered) like one received here.
+        A failure to store it is answered as an error (the worker says 451)."""
         try:
-            accepted = await self.intake.accept(
-                body, msg["sender"], msg["recipients"], protocol=msg["protocol"],
-                peer=tuple(peer) if peer else None, session_id=msg["session_id"])
+            accepted = await self.intake.accept(body, msg.sender, msg.recipients,
+                                                protocol=msg.protocol, peer=msg.peer,
+                                                session_id=msg.session_id)
         except AddressError as exc:
-            return {"address_error": str(exc)}
-        except Exception as exc:  # the worker answers 451 and the client retries
-            log.exception("storing a message from a reception worker failed")
-            return {"error": str(exc)}
-        return {"ids": accepted.ids, "bounced": accepted.bounced}
+            return AcceptAnswer(address_error=str(exc))
+        return AcceptAnswer(ids=accepted.ids, bounced=accepted.bounced)
+
+    async def _records(self, msg: Records, payload: bytes) -> bool:
+        await self.intake.add_records(payload.split(b"\n"))
+        return True
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         for w in self._workers:
             if w.channel is not None:
                 with contextlib.suppress(Exception):
-                    await w.channel.call({"type": "stop"}, timeout=2.0)
+                    await w.channel.call(Stop(), timeout=2.0)
         for w in self._workers:
             if w.proc is None:
                 continue

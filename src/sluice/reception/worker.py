@@ -19,10 +19,10 @@ import os
 import signal
 import socket
 import weakref
-from typing import Any
 
 from ..config import Settings
-from ..ipc import Channel, child_main
+from ..ipc import Accept, Channel, Ready, Records, Stop, child_main
+from ..ipc import Accepted as AcceptAnswer
 from ..message import AddressError
 from .intake import Accepted
 from .smtp import ReceptionHandler, start_smtp
@@ -36,34 +36,31 @@ class RemoteIntake:
 
     async def accept(self, body: bytes, sender: str, recipients: list[str], *, protocol: str,
                      peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
+        """Raises AddressError for refused addresses, RemoteError when storing failed."""
         answer = await self.channel.call(
-            {"type": "accept", "sender": sender, "recipients": recipients, "protocol": protocol,
-             "peer": peer, "session_id": session_id}, body)
-        if "address_error" in answer:
-            raise AddressError(answer["address_error"])
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
-        return Accepted(ids=answer["ids"], bounced=answer["bounced"])
+            Accept(sender=sender, recipients=recipients, protocol=protocol, peer=peer,
+                   session_id=session_id), body, returns=AcceptAnswer)
+        if answer.address_error is not None:
+            raise AddressError(answer.address_error)
+        return Accepted(ids=answer.ids, bounced=answer.bounced)
 
     async def add_records(self, records: list[bytes]) -> None:
-        await self.channel.call({"type": "records"}, b"\n".join(records))
+        await self.channel.call(Records(), b"\n".join(records))
 
 
 async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket.socket]) -> None:
     stop = asyncio.Event()
 
-    async def handle(msg: dict[str, Any], payload: bytes) -> Any:
-        if msg["type"] == "stop":
-            stop.set()
-            return True
-        return None
+    async def on_stop(msg: Stop, payload: bytes) -> bool:
+        stop.set()
+        return True
 
-    channel = await Channel.over(sock, handle)
+    channel = await Channel.over(sock, {Stop: on_stop})
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     handler = ReceptionHandler(settings, RemoteIntake(channel))
     sessions: weakref.WeakSet = weakref.WeakSet()
     servers = [await start_smtp(settings, handler, listener, sessions) for listener in listeners]
-    await channel.call({"type": "ready", "pid": os.getpid()})
+    await channel.call(Ready(pid=os.getpid()))
     stop_wait = asyncio.create_task(stop.wait())
     closed = asyncio.create_task(channel.wait_closed())
     await asyncio.wait({stop_wait, closed}, return_when=asyncio.FIRST_COMPLETED)

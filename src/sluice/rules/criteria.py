@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..message import QueueName, normalize_domain, normalize_label
+from ..message import QueueName, normalize_domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +26,39 @@ class Criteria:
     def build(cls, *, campaign: str | None = None, tenant: str | None = None,
               domain: str | None = None, routing_domain: str | None = None,
               queue_names: list[str] | tuple[str, ...] | None = None) -> Criteria:
-        """Normalize operator input; raises AddressError for a bad domain."""
-        return cls(
-            campaign=normalize_label(campaign),
-            tenant=normalize_label(tenant),
-            domain=normalize_domain(domain) if domain else None,
-            routing_domain=normalize_domain(routing_domain) if routing_domain else None,
-            queue_names=tuple(sorted({q.strip() for q in queue_names})) if queue_names else None,
-        )
+        """Criteria from operator input, normalized as queue names are.
+
+        None means "any". A blank campaign, tenant, domain or queue name is an
+        error (ValueError naming the field), never "any"; a bad domain raises
+        AddressError (a ValueError). Queue names cannot be combined with the
+        other criteria.
+        """
+        def label(field: str, value: str | None) -> str | None:
+            if value is None:
+                return None
+            if not value.strip():
+                raise ValueError(f"{field}: must not be empty")
+            return value.strip()
+
+        def domain_of(field: str, value: str | None) -> str | None:
+            if value is None:
+                return None
+            if not value.strip():
+                raise ValueError(f"{field}: must not be empty")
+            return normalize_domain(value)
+
+        names = None
+        if queue_names is not None:
+            names = tuple(sorted({q.strip() for q in queue_names}))
+            if not names or "" in names:
+                raise ValueError("queue_names: must be a non-empty list of non-empty queue names")
+            if any(v is not None for v in (campaign, tenant, domain, routing_domain)):
+                raise ValueError("queue_names cannot be combined with campaign, tenant, domain "
+                                 "or routing_domain")
+        return cls(campaign=label("campaign", campaign), tenant=label("tenant", tenant),
+                   domain=domain_of("domain", domain),
+                   routing_domain=domain_of("routing_domain", routing_domain),
+                   queue_names=names)
 
     @property
     def everything(self) -> bool:

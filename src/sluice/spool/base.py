@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..message import QueueName
+from .index import QueueIndex
 
 
 def new_message_id(queue: str) -> str:
@@ -69,11 +70,14 @@ PackFn = Callable[[list[Stored]], bytes | None]
 
 
 class Spool(Protocol):
-    """What a message store must offer. ``SqliteSpool`` is the embedded one."""
+    """What a message store must offer. ``SqliteSpool`` is the embedded one.
 
-    counts: Mapping[str, int]
-    parts: Mapping[str, QueueName]
-    held: set[str]
+    ``index`` is the queue index (read-only to callers); ``in_hand`` the
+    claimed messages this process is delivering (see ``SqliteSpool``).
+    """
+
+    index: QueueIndex
+    in_hand: set[str]
 
     async def open(self) -> None: ...
 
@@ -82,12 +86,14 @@ class Spool(Protocol):
     async def receive(self, body: bytes, items: list[Inbound]) -> None:
         """Store the body once and every non-terminal item; commit with fsync."""
 
-    async def claim_due(self, now: float, limit: int, owned: set[str]) -> list[Stored]:
-        """Mark up to ``limit`` due, not held messages as being delivered; return them
-        (their ids join ``owned`` in the same step)."""
+    async def claim_due(self, now: float, limit: int) -> list[Stored]:
+        """Mark up to ``limit`` due, not held messages as being delivered; return them."""
 
-    async def adopt_orphans(self, owned: set[str]) -> list[Stored]:
-        """Claimed messages not in ``owned``: they join it and are returned."""
+    async def adopt_orphans(self) -> list[Stored]:
+        """Claimed messages not in hand: taken in hand and returned."""
+
+    def let_go(self, ids: Iterable[str]) -> None:
+        """These claimed messages are no longer in hand."""
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
         """Remove a claimed message for good, writing its terminal record."""
@@ -95,7 +101,7 @@ class Spool(Protocol):
     async def retry(self, msg: Stored, due: float, records: list[bytes]) -> bool:
         """Put a claimed message back into its scheduled queue."""
 
-    async def release(self, ids: Collection[str], held: bool = False) -> None:
+    async def release(self, msgs: Collection[Stored], held: bool = False) -> None:
         """Put claimed messages back (held, or scheduled as due) without any record."""
 
     async def hold(self, queues: Collection[str]) -> None:
@@ -105,9 +111,9 @@ class Spool(Protocol):
         """End a suspension of ``queues``."""
 
     async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
-                    rule_id: str, owned: Collection[str] = ()) -> dict[str, int]:
-        """Remove up to ``limit`` messages of ``queues`` but those in ``owned``
-        (being delivered); per-queue counts."""
+                    rule_id: str) -> dict[str, int]:
+        """Remove up to ``limit`` messages of ``queues`` that are not in hand;
+        per-queue counts."""
 
     async def collect_bodies(self, limit: int = 1000) -> int:
         """Release the bodies of removed messages; returns how many were looked at."""
@@ -117,3 +123,7 @@ class Spool(Protocol):
 
     async def load_body(self, body_id: int) -> bytes: ...
     async def get_message(self, msg_id: str) -> Stored | None: ...
+
+    async def save_rule(self, rule: dict[str, Any], replaces: Collection[str] = ()) -> None: ...
+    async def delete_rules(self, ids: Collection[str]) -> None: ...
+    async def load_rules(self) -> list[dict[str, Any]]: ...

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import orjson
 from ..logs import LogWriter
 from ..message import QueueName
 from .base import Inbound, PackFn, Stored
+from .index import QueueIndex
 
 SCHEDULED = 0   # waiting in its scheduled queue until due
 CLAIMED = 1     # promoted: in a ready queue or being delivered
@@ -240,15 +241,22 @@ class SpoolReader:
 
 
 class SqliteSpool:
-    """The embedded spool. See the module docstring for the threading model."""
+    """The embedded spool. See the module docstring for the threading model.
+
+    ``index`` (the queue index) is kept by the spool alone, after each
+    commit. ``in_hand`` holds the ids of the claimed messages that this
+    process is delivering: ``claim_due`` adds them in the same step that
+    claims them; ``finish``, ``retry`` and ``release`` let them go, and so
+    does ``let_go`` when a holder loses one without a spool change. A claimed
+    message not in hand is an orphan (``adopt_orphans``).
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.dir = Path(data_dir) / "spool"
         self.path = self.dir / "spool.db"
         self.log_dir = Path(data_dir) / "logs"
-        self.counts: dict[str, int] = defaultdict(int)
-        self.parts: dict[str, QueueName] = {}
-        self.held: set[str] = set()
+        self.index = QueueIndex()
+        self.in_hand: set[str] = set()
         self._writer: _Writer | None = None
         self._reader = SpoolReader(self.path)
         self._logs: LogWriter | None = None
@@ -283,9 +291,9 @@ class SqliteSpool:
             conn.execute("UPDATE messages SET state = 0 WHERE state != 0")
             for name, domain, campaign, tenant, routing in conn.execute(
                     "SELECT name, domain, campaign, tenant, routing_domain FROM queues"):
-                self.parts[name] = QueueName(domain, campaign, tenant, routing)
+                self.index.learn(QueueName(domain, campaign, tenant, routing))
             for name, n in conn.execute("SELECT queue, count(*) FROM messages GROUP BY queue"):
-                self.counts[name] = n
+                self.index.add(name, n)
         finally:
             conn.close()
 
@@ -332,13 +340,6 @@ class SqliteSpool:
             [(rule_id, q, n) for q, n in per_queue.items()],
         )
 
-    def _dec(self, queue: str, n: int = 1) -> None:
-        left = self.counts.get(queue, 0) - n
-        if left > 0:
-            self.counts[queue] = left
-        else:
-            self.counts.pop(queue, None)
-
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         return await self._reader.read(fn)
 
@@ -347,19 +348,17 @@ class SqliteSpool:
     async def receive(self, body: bytes, items: list[Inbound]) -> None:
         queued = [i for i in items if not i.terminal]
         size = len(body)
+        new_queues = [i.queue for i in queued if not self.index.knows(str(i.queue))]
 
         def op(conn: sqlite3.Connection) -> None:
             records = [r for i in items for r in i.records]
             if queued:
                 body_id = conn.execute("INSERT INTO bodies(data, refs) VALUES (?, ?)",
                                        (body, len(queued))).lastrowid
-                for i in queued:
-                    name = str(i.queue)
-                    if name not in self.parts:
-                        q = i.queue
-                        conn.execute("INSERT OR IGNORE INTO queues VALUES (?, ?, ?, ?, ?)",
-                                     (name, q.domain, q.campaign, q.tenant, q.routing_domain))
-                        self.parts[name] = q
+                if new_queues:
+                    conn.executemany("INSERT OR IGNORE INTO queues VALUES (?, ?, ?, ?, ?)",
+                                     [(str(q), q.domain, q.campaign, q.tenant, q.routing_domain)
+                                      for q in new_queues])
                 conn.executemany(
                     "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due,"
                     " state, protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -374,37 +373,48 @@ class SqliteSpool:
                 self._count_rule(conn, rule_id, per_queue)
 
         await self._submit(op)
+        for i in queued:
+            name = self.index.learn(i.queue)
+            self.index.add(name)
+            if i.held:
+                self.index.hold([name])
 
     # -- the scheduled -> ready -> done path -------------------------------
 
-    async def claim_due(self, now: float, limit: int, owned: set[str]) -> list[Stored]:
-        """Claim up to ``limit`` due messages; their ids join ``owned`` in the
-        same step (so a sweep never takes one for an orphan)."""
+    async def claim_due(self, now: float, limit: int) -> list[Stored]:
+        """Claim up to ``limit`` due messages; their ids are in hand from the
+        same step on (so a sweep never takes one for an orphan)."""
         if limit <= 0:
             return []
+        in_hand = self.in_hand
 
         def op(conn: sqlite3.Connection) -> list[Stored]:
             rows = conn.execute(
                 "UPDATE messages SET state = 1 WHERE id IN (SELECT id FROM messages"
                 f" WHERE state = 0 AND due <= ? ORDER BY due LIMIT ?) RETURNING {_COLS}",
                 (now, limit)).fetchall()
-            owned.update(r[0] for r in rows)
-            return [_row(r) for r in rows]
-
-        rows = await self._submit(op)
-        return rows
-
-    async def adopt_orphans(self, owned: set[str]) -> list[Stored]:
-        """Claimed messages whose ids are not in ``owned`` (their delivery was
-        lost): they join ``owned`` and are returned, to be given a fate."""
-
-        def op(conn: sqlite3.Connection) -> list[Stored]:
-            rows = [r for r in conn.execute(f"SELECT {_COLS} FROM messages WHERE state = 1")
-                    if r[0] not in owned]
-            owned.update(r[0] for r in rows)
+            in_hand.update(r[0] for r in rows)
             return [_row(r) for r in rows]
 
         return await self._submit(op)
+
+    async def adopt_orphans(self) -> list[Stored]:
+        """Claimed messages that are not in hand (their delivery was lost):
+        they are taken in hand and returned, to be given a fate."""
+        in_hand = self.in_hand
+
+        def op(conn: sqlite3.Connection) -> list[Stored]:
+            rows = [r for r in conn.execute(f"SELECT {_COLS} FROM messages WHERE state = 1")
+                    if r[0] not in in_hand]
+            in_hand.update(r[0] for r in rows)
+            return [_row(r) for r in rows]
+
+        return await self._submit(op)
+
+    def let_go(self, ids: Iterable[str]) -> None:
+        """The holder of these claimed messages no longer has them; a message
+        still claimed in the spool after this is an orphan."""
+        self.in_hand.difference_update(ids)
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -415,9 +425,12 @@ class SqliteSpool:
                     self._count_rule(conn, rule_id, {msg.queue: 1})
             return bool(gone)
 
-        done = await self._submit(op)
+        try:
+            done = await self._submit(op)
+        finally:
+            self.in_hand.discard(msg.id)
         if done:
-            self._dec(msg.queue)
+            self.index.remove(msg.queue)
         return done
 
     async def retry(self, msg: Stored, due: float, records: list[bytes]) -> bool:
@@ -429,10 +442,13 @@ class SqliteSpool:
                 self._add_records(conn, records)
             return bool(n)
 
-        return await self._submit(op)
+        try:
+            return await self._submit(op)
+        finally:
+            self.in_hand.discard(msg.id)
 
-    async def release(self, ids: Collection[str], held: bool = False) -> None:
-        ids = list(ids)
+    async def release(self, msgs: Collection[Stored], held: bool = False) -> None:
+        ids = [m.id for m in msgs]
         if not ids:
             return
         state = HELD if held else SCHEDULED
@@ -441,17 +457,22 @@ class SqliteSpool:
             return conn.executemany("UPDATE messages SET state = ? WHERE id = ? AND state = 1",
                                     [(state, i) for i in ids]).rowcount
 
-        await self._submit(op)
+        try:
+            await self._submit(op)
+        finally:
+            self.let_go(ids)
+        if held:
+            self.index.hold({m.queue for m in msgs})
 
     async def hold(self, queues: Collection[str]) -> None:
         """Take the scheduled messages of ``queues`` out of promotion."""
         await self._set_queue_state(queues, SCHEDULED, HELD)
-        self.held.update(queues)
+        self.index.hold(queues)
 
     async def unhold(self, queues: Collection[str]) -> None:
         """Give held messages of ``queues`` back to their scheduled queues."""
         await self._set_queue_state(queues, HELD, SCHEDULED)
-        self.held.difference_update(queues)
+        self.index.unhold(queues)
 
     async def _set_queue_state(self, queues: Collection[str], old: int, new: int) -> None:
         names = list(queues)
@@ -461,12 +482,13 @@ class SqliteSpool:
                 [(new, q, old) for q in names]))
 
     async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
-                    rule_id: str, owned: Collection[str] = ()) -> dict[str, int]:
+                    rule_id: str) -> dict[str, int]:
         """Remove up to ``limit`` messages of ``queues``, queue by queue (each
         queue's rows are contiguous: see ``new_message_id``): scheduled, held,
-        and claimed ones that are not in ``owned`` (orphans). Owned ones are
-        on their way to a destination, where the rule's fence stops them."""
+        and claimed ones that are not in hand (orphans). Those in hand are on
+        their way to a destination, where the rule's fence stops them."""
         names = list(queues)
+        in_hand = self.in_hand
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             removed: dict[str, int] = defaultdict(int)
@@ -479,10 +501,10 @@ class SqliteSpool:
                     " WHERE queue = ? AND state IN (0, 2) LIMIT ?)"
                     f" RETURNING {_COLS}", (name, limit - len(gone))).fetchall()
                 if len(rows) < limit - len(gone):
-                    orphans = [(i,) for (i,) in conn.execute(
+                    orphans = [i for (i,) in conn.execute(
                         "SELECT id FROM messages WHERE queue = ? AND state = 1", (name,))
-                        if i not in owned][:limit - len(gone) - len(rows)]
-                    for (i,) in orphans:
+                        if i not in in_hand][:limit - len(gone) - len(rows)]
+                    for i in orphans:
                         rows += conn.execute(f"DELETE FROM messages WHERE id = ? RETURNING {_COLS}",
                                              (i,)).fetchall()
                 gone += map(_row, rows)
@@ -497,7 +519,7 @@ class SqliteSpool:
         self._last_sweep = time.monotonic()
         removed = await self._submit(op)
         for name, n in removed.items():
-            self._dec(name, n)
+            self.index.remove(name, n)
         return removed
 
     async def collect_bodies(self, limit: int = 1000) -> int:

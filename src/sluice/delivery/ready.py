@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..delivery.routes import NextHop
-from ..delivery.smtp import Connection, DeliveryError, Stopped
 from ..logs import Attempt, internal_error
 from ..spool import Stored
+from .routes import NextHop
+from .smtp import Connection, DeliveryError, Stopped
 
 if TYPE_CHECKING:
     from .dispatch import Outcomes

@@ -1,8 +1,10 @@
-"""The active rules, in memory, backed by the spool.
+"""Rules in memory: ``Rule`` and ``RuleBook``, the active rules of one kind.
 
-Every place that enforces a rule asks this book: reception (enqueue),
-promotion (due), dispatch (before DATA) and requeue after a transient
-failure. Lookups are cached per queue name; any change clears the cache.
+A book answers the question every checkpoint asks (``match``: which active
+rule applies to this queue?) from a per-queue cache that any change clears.
+The main process keeps one book per kind inside ``rules.bounce.Bounces``
+and ``rules.suspend.Suspensions``; the delivery process keeps copies, pushed
+to it whenever a rule comes or goes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class Rule:
     def active(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) < self.expires
 
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds until the rule ends (0 once it has)."""
+        return max(0.0, self.expires - (time.time() if now is None else now))
+
     def to_row(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "criteria": self.criteria.as_dict(),
                 "reason": self.reason, "created": self.created, "expires": self.expires,
@@ -59,18 +65,21 @@ def new_rule(kind: str, criteria: Criteria, reason: str, expires: float,
 
 
 class RuleBook:
-    """Active bounce and suspend rules, with a per-queue match cache."""
+    """The rules of one kind, with a per-queue match cache."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
         self._rules: dict[str, Rule] = {}
-        self._cache: dict[tuple[str, str], Rule | None] = {}
+        self._cache: dict[str, Rule | None] = {}
         self.version = 0
 
     def load(self, rows: list[dict[str, Any]]) -> list[str]:
-        """Activate stored rules; returns the ids of those already expired."""
+        """Activate stored rules of this kind; returns the ids of those already expired."""
         now = time.time()
         expired = []
         for row in rows:
+            if row["kind"] != self.kind:
+                continue
             rule = Rule.from_row(row)
             if rule.active(now):
                 self._rules[rule.id] = rule
@@ -92,49 +101,36 @@ class RuleBook:
         self._cache.clear()
         self.version += 1
 
-    def has(self, kind: str) -> bool:
-        return any(r.kind == kind for r in self._rules.values())
+    def __bool__(self) -> bool:
+        return bool(self._rules)
 
-    def get(self, rule_id: str, kind: str | None = None) -> Rule | None:
+    def get(self, rule_id: str) -> Rule | None:
+        """The active rule with that id, if any."""
         rule = self._rules.get(rule_id)
-        if rule is None or (kind and rule.kind != kind) or not rule.active():
-            return None
-        return rule
+        return rule if rule is not None and rule.active() else None
 
-    def same_criteria(self, kind: str, criteria: Criteria) -> list[Rule]:
-        return [r for r in self._rules.values() if r.kind == kind and r.criteria == criteria]
+    def same_criteria(self, criteria: Criteria) -> list[Rule]:
+        return [r for r in self._rules.values() if r.criteria == criteria]
 
-    def active(self, kind: str) -> list[Rule]:
+    def active(self) -> list[Rule]:
         now = time.time()
-        return sorted((r for r in self._rules.values() if r.kind == kind and r.active(now)),
-                      key=lambda r: r.created)
+        return sorted((r for r in self._rules.values() if r.active(now)), key=lambda r: r.created)
 
     def expired(self) -> list[Rule]:
         now = time.time()
         return [r for r in self._rules.values() if not r.active(now)]
 
-    def match(self, kind: str, name: str, parts: QueueName) -> Rule | None:
-        """The active rule of ``kind`` that applies to queue ``name``, if any."""
-        key = (kind, name)
-        rule = self._cache.get(key, False)
+    def match(self, name: str, parts: QueueName) -> Rule | None:
+        """The active rule that applies to queue ``name``, if any."""
+        rule = self._cache.get(name, False)
         if rule is False or (rule is not None and not rule.active()):
             now = time.time()
             rule = None
             for r in self._rules.values():
-                if r.kind == kind and r.active(now) and r.criteria.matches(name, parts):
+                if r.active(now) and r.criteria.matches(name, parts):
                     rule = r
                     break
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[key] = rule
+            self._cache[name] = rule
         return rule
-
-    def bounce_for(self, name: str, parts: QueueName) -> Rule | None:
-        return self.match(BOUNCE, name, parts)
-
-    def suspended(self, name: str, parts: QueueName) -> Rule | None:
-        return self.match(SUSPEND, name, parts)
-
-    def stops(self, name: str, parts: QueueName) -> bool:
-        """A bounce or suspend rule keeps mail of queue ``name`` from being sent."""
-        return self.bounce_for(name, parts) is not None or self.suspended(name, parts) is not None

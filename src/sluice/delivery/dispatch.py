@@ -1,26 +1,37 @@
 """Dispatch: from a promoted message to a send, in whichever process delivers.
 
-``Dispatcher`` resolves each promoted message's next hop and puts it in that
-site's ready queue; the sites send. Every fate goes back through an
-``Outcomes`` object: the queue manager itself when delivery runs in the
-main process, or ``delivery.worker.Upstream`` in the delivery process, which
-passes the fates to the main process's queue manager.
+Two contracts meet here:
+
+- ``DeliveryPort`` is what the queue side (promotion, the bounce rules) uses
+  to hand mail over and take it back. ``Dispatcher`` implements it in the
+  main process (``[server] workers = 0``); ``delivery.process.DeliveryProcess``
+  implements it by talking to the delivery process.
+- ``Outcomes`` is what a site asks before a send and tells after it: the
+  queue manager when delivery runs in the main process, or
+  ``delivery.worker.Upstream`` in the delivery process, which passes the
+  fates on to the main process's queue manager.
+
+``Dispatcher`` resolves each promoted message's next hop and puts it in
+that site's ready queue; the sites send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
-from ..delivery.mx import DnsFailure
-from ..delivery.routes import Router
 from ..logs import NO_ATTEMPT, Attempt, Response, internal_error
 from ..message import QueueName
 from ..spool import Stored
+from .mx import DnsFailure
 from .ready import Site
+from .routes import Router
+
+if TYPE_CHECKING:
+    from ..rules.book import Rule
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,8 @@ class Outcomes(Protocol):
         await self.dispose_stopped(msg)
         return False
 
-    async def dispose_stopped(self, msg: Stored) -> None: ...
+    async def dispose_stopped(self, msg: Stored) -> None:
+        """A rule stopped ``msg`` before it was sent: bounce it or hold it."""
 
     async def delivered(self, msg: Stored, resp: Response, attempt: Attempt) -> None: ...
 
@@ -52,32 +64,39 @@ class Outcomes(Protocol):
     async def load_body(self, body_id: int) -> bytes: ...
 
 
-class Delivery(Protocol):
-    """Where the queue manager hands promoted mail: a ``Dispatcher`` here, or
-    ``delivery.process.DeliveryProcess`` for the delivery process."""
+class DeliveryPort(Protocol):
+    """Where promoted mail goes, and where a bounce rule takes it back from."""
 
-    async def dispatch(self, msg: Stored, parts: QueueName) -> None: ...
+    async def dispatch(self, msg: Stored, parts: QueueName) -> None:
+        """Hand over a promoted message (the rules were checked)."""
 
-    def take(self, pred: Callable[[Stored], bool]) -> list[Stored]: ...
+    async def withdraw(self, rule: Rule) -> list[Stored]:
+        """Take the messages that ``rule`` selects out of the ready queues
+        (not those whose send is under way: the check before DATA stops
+        those); the caller gives them their fate."""
 
-    async def rules_changed(self) -> None: ...
+    async def rules_changed(self, bounces: Sequence[Rule], suspensions: Sequence[Rule]) -> None:
+        """Put these rules in force where mail is sent, before returning."""
 
     async def figures(self) -> dict[str, dict[str, int]]: ...
 
-    async def stop(self, grace: float) -> list[Stored]: ...
+    async def stop(self, grace: float) -> list[Stored]:
+        """Stop after sends under way end; returns what was not finished."""
 
 
 class Dispatcher:
-    """Next hops and ready queues (sites), in this process."""
+    """Next hops and ready queues (sites), in this process (a ``DeliveryPort``)."""
 
     def __init__(self, settings: Settings, router: Router, outcomes: Outcomes) -> None:
         self.settings = settings
         self.router = router
         self.outcomes = outcomes
         self.sites: dict[str, Site] = {}
+        self.parts: dict[str, QueueName] = {}  # of the queues of messages handed over
 
     async def dispatch(self, msg: Stored, parts: QueueName) -> None:
         """Route ``msg`` to its site's ready queue (the rules were checked)."""
+        self.parts[msg.queue] = parts
         try:
             hop = await self.router.next_hop(parts.domain, parts.routing_domain)
         except DnsFailure as exc:
@@ -99,12 +118,19 @@ class Dispatcher:
                                                d.messages_per_connection)
         site.push(msg)
 
-    def take(self, pred: Callable[[Stored], bool]) -> list[Stored]:
-        """Remove the waiting (not in-flight) messages ``pred`` selects, from every site."""
-        return [m for site in list(self.sites.values()) for m in site.take(pred)]
+    def take_matching(self, rule: Rule) -> list[Stored]:
+        """Remove the waiting (not in-flight) messages ``rule`` selects, from every site."""
+        def selected(m: Stored) -> bool:
+            parts = self.parts.get(m.queue)
+            return parts is not None and rule.criteria.matches(m.queue, parts)
 
-    async def rules_changed(self) -> None:
-        """Nothing to do here: the sites ask the same rule book."""
+        return [m for site in list(self.sites.values()) for m in site.take(selected)]
+
+    async def withdraw(self, rule: Rule) -> list[Stored]:
+        return self.take_matching(rule)
+
+    async def rules_changed(self, bounces: Sequence[Rule], suspensions: Sequence[Rule]) -> None:
+        """Nothing to do here: the sites ask the main process's rules."""
 
     async def figures(self) -> dict[str, dict[str, int]]:
         """Per site: delivered, failed, open connections, messages waiting or in flight."""

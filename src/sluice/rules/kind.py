@@ -1,0 +1,110 @@
+"""What the two kinds of operator rule share: ``RuleKind``.
+
+A rule is stored in the spool before it is put in force; a new rule with
+exactly the same criteria replaces the old one (new id and reason); a rule
+ends when cancelled or when it expires (pruned); rules are loaded from the
+spool before any listener opens. Every change is put in force everywhere
+mail is checked (``changed``: the delivery process among them) before the
+call that made it returns, so the API answers only once it holds.
+
+``rules.bounce.Bounces`` and ``rules.suspend.Suspensions`` add what each
+kind does when a rule comes into force or ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from ..message import QueueName
+from ..spool import Spool
+from .book import Rule, RuleBook, new_rule
+from .criteria import Criteria
+
+Changed = Callable[[], Awaitable[None]]
+
+
+class RuleKind:
+    kind: ClassVar[str]
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.book = RuleBook(self.kind)
+        self.changed: Changed | None = None  # set by the wiring: push the rules everywhere
+
+    # -- the checkpoint ----------------------------------------------------
+
+    def check(self, name: str, parts: QueueName) -> Rule | None:
+        """The rule of this kind in force for queue ``name``, if any: the one
+        call every checkpoint makes (reception, promotion, right before DATA,
+        requeue)."""
+        return self.book.match(name, parts) if self.book else None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def load(self, rows: list[dict[str, Any]]) -> None:
+        """Put the stored rules of this kind in force (at start, before any listener)."""
+        expired = self.book.load(rows)
+        if expired:
+            await self.spool.delete_rules(expired)
+        for rule in self.book.active():
+            await self._in_force(rule, at_start=True)
+
+    async def stop(self) -> None:
+        """Stop background work (a bounce's sweeps)."""
+
+    # -- operator actions --------------------------------------------------
+
+    def active(self) -> list[Rule]:
+        return self.book.active()
+
+    def get(self, rule_id: str) -> Rule | None:
+        return self.book.get(rule_id)
+
+    async def create(self, criteria: Criteria, reason: str, expires: float,
+                     suppress_logging: bool = False) -> Rule:
+        """Store the rule and put it in force; one with the same criteria is replaced."""
+        rule = new_rule(self.kind, criteria, reason, expires, suppress_logging)
+        old = self.book.same_criteria(criteria)
+        await self.spool.save_rule(rule.to_row(), replaces=[r.id for r in old])
+        for r in old:
+            self.book.remove(r.id)
+            await self._ended(r)
+        self.book.add(rule)
+        await self._changed()
+        await self._in_force(rule, at_start=False)
+        return rule
+
+    async def cancel(self, rule_id: str) -> Rule | None:
+        """End an active rule; None if there is none with that id."""
+        rule = self.book.get(rule_id)
+        if rule is None:
+            return None
+        await self.spool.delete_rules([rule_id])
+        self.book.remove(rule_id)
+        await self._ended(rule)
+        await self._changed()
+        return rule
+
+    async def prune(self) -> list[Rule]:
+        """Remove the rules that have expired."""
+        expired = self.book.expired()
+        if expired:
+            await self.spool.delete_rules([r.id for r in expired])
+            for r in expired:
+                self.book.remove(r.id)
+                await self._ended(r)
+            await self._changed()
+        return expired
+
+    # -- what each kind adds -----------------------------------------------
+
+    async def _in_force(self, rule: Rule, at_start: bool) -> None:
+        """A rule came into force (created, or loaded at start)."""
+
+    async def _ended(self, rule: Rule) -> None:
+        """A rule ended (cancelled, replaced or expired)."""
+
+    async def _changed(self) -> None:
+        if self.changed is not None:
+            await self.changed()
