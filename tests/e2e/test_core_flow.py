@@ -86,11 +86,8 @@ def test_queued_mail_survives_restart_and_is_delivered(make_serve, tmp_path):
 
 
 def test_sigterm_exits_zero_quickly(make_serve):
-    import time
     srv = make_serve().start()
-    t0 = time.time()
-    assert srv.stop(timeout=10) == 0
-    assert time.time() - t0 < 10
+    assert srv.stop(timeout=10) == 0  # raises if it is still running after 10 s
 
 
 def _session(port: int) -> smtplib.SMTP:

@@ -14,7 +14,7 @@ import smtplib
 
 import pytest
 
-from ..postfix import Postfix
+from ..support import Postfix
 from ..support import make_certificate, wait_for
 
 BODY = "Subject: h\u00e9llo\r\nFrom: s\u00e9nder@example.org\r\n\r\nGr\u00fc\u00dfe!\r\n".encode()

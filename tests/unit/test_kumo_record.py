@@ -29,7 +29,7 @@ from sluice.logs import (
 )
 from sluice.rules.bounce import admin_bounce_response
 
-from ..kumo_record import parse
+from ..support.kumo_record import parse
 
 NODE = str(uuid.uuid4())
 SESSION = str(uuid.uuid4())

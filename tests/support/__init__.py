@@ -1,4 +1,7 @@
-"""Helpers for tests that run real ``sluice serve`` / ``sluice sink`` processes."""
+"""Everything the tests share: servers to run (``sluice serve`` and ``sluice
+sink`` processes, or a ``Server`` in the test's own event loop), waiting for
+what they do, peers to talk to (``peers``), load and consistency checks
+(``load``), and KumoMTA's log record model (``kumo_record``)."""
 
 from __future__ import annotations
 
@@ -279,3 +282,13 @@ def make_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+from .load import TERMINAL, Blaster, assert_consistent, terminal_by_id  # noqa: E402
+from .peers import Postfix, SlowPeer  # noqa: E402
+
+__all__ = [
+    "BIN", "TERMINAL", "Blaster", "InProcess", "Postfix", "Serve", "Sink", "SlowPeer",
+    "assert_consistent", "free_port", "make_certificate", "settings_for", "terminal_by_id",
+    "until", "wait_for", "wait_port", "wait_smtp",
+]

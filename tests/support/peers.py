@@ -1,23 +1,96 @@
-"""A private Postfix instance for tests: a real MTA as Sluice's peer.
+"""Remote MTAs for tests: ``SlowPeer``, a hand-made one that is slow to
+greet and can refuse at RCPT, and ``Postfix``, a private instance of the real
+thing (from Debian, installed by ``tests/install-peers.sh``).
 
-Its own config, queue and data directories under /var/tmp, one
-smtpd on 127.0.0.1 at a free port, log to a file. As a destination it
-accepts mail for any domain from loopback and keeps it in its queue
-(``defer_transports = smtp``), where ``queue()`` reads it back. Postfix is
-installed by the Makefile's ``peers`` target (Debian's package); starting
-it needs root, as CI and ``make test`` run.
+``SlowPeer`` runs in a thread with its own event loop so that a test can
+hold a delivery in the "connecting" state for as long as it needs.
+
+``Postfix`` has its own config, queue and data directories under /var/tmp
+(Postfix's own user must reach them; pytest's tmp dirs are private to root),
+one smtpd on 127.0.0.1 at a free port, and logs to a file. As a destination
+it accepts mail for any domain from loopback and keeps it in its queue
+(``defer_transports = smtp``), where ``queue()`` reads it back. Starting it
+needs root, as CI and ``make test`` run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from .support import free_port, wait_smtp
+from . import free_port, wait_smtp
+
+
+class SlowPeer:
+    def __init__(self, greet_delay: float = 3.0, rcpt_reply: bytes = b"250 2.1.5 OK") -> None:
+        self.port = free_port()
+        self.greet_delay = greet_delay
+        self.rcpt_reply = rcpt_reply
+        self.connections = 0
+        self.data_received: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+
+    def start(self) -> SlowPeer:
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._session, "127.0.0.1", self.port), self._loop)
+        self._server = fut.result(5)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await asyncio.sleep(self.greet_delay)
+            writer.write(b"220 slow.test ESMTP\r\n")
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    writer.write(b"250 slow.test\r\n")
+                elif verb == b"RCPT":
+                    writer.write(self.rcpt_reply + b"\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    self.data_received.append(data)
+                    writer.write(b"250 2.0.0 OK\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    return
+                else:  # MAIL, RSET, NOOP
+                    writer.write(b"250 2.0.0 OK\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
 
 POSTFIX = "/usr/sbin/postfix"
 
@@ -49,8 +122,6 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 class Postfix:
     def __init__(self, base: Path | None = None, **main_cf: str) -> None:
-        # Postfix's own user must reach its data directory: pytest's tmp dirs
-        # are private to root, so the instance lives in a world-searchable one.
         self.base = base or Path(tempfile.mkdtemp(prefix="sluice-postfix-", dir="/var/tmp"))
         self.etc = self.base / "etc"
         self.spool = self.base / "spool"
