@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -284,11 +285,28 @@ def make_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def read_records(data_dir: Path, kind: str | None = None) -> list[dict]:
+    """The log records under ``data_dir`` (each checked against KumoMTA's model)."""
+    return Serve.records(types.SimpleNamespace(data=Path(data_dir)), kind)  # type: ignore[arg-type]
+
+
+def inbound(queue: str, recipient: str = "r@example.com", *, held: bool = False,
+            created: float | None = None, protocol: str = "ESMTP") -> Any:
+    """A message as reception hands it to the spool, for in-process tests."""
+    from sluice.message import parse_queue_name
+    from sluice.spool import Inbound, new_message_id
+
+    return Inbound(id=new_message_id(queue), queue=parse_queue_name(queue),
+                   sender="s@example.org", recipient=recipient,
+                   created=time.time() if created is None else created, protocol=protocol,
+                   held=held)
+
+
 from .load import TERMINAL, Blaster, assert_consistent, terminal_by_id  # noqa: E402
 from .peers import Postfix, SlowPeer  # noqa: E402
 
 __all__ = [
     "BIN", "TERMINAL", "Blaster", "InProcess", "Postfix", "Serve", "Sink", "SlowPeer",
-    "assert_consistent", "free_port", "make_certificate", "settings_for", "terminal_by_id",
-    "until", "wait_for", "wait_port", "wait_smtp",
+    "assert_consistent", "free_port", "inbound", "make_certificate", "read_records",
+    "settings_for", "terminal_by_id", "until", "wait_for", "wait_port", "wait_smtp",
 ]
