@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 from ..support import free_port, wait_for
 
@@ -54,7 +55,7 @@ def test_inspect_message(make_serve):
              body="the body\r\n")
     wait_for(lambda: srv.records("TransientFailure"))
     msg_id = srv.records("Reception")[0]["id"]
-    out = srv.kcli("inspect-message", "--id", msg_id, check=True)
+    out = srv.kcli("inspect-message", "--id", msg_id, "--json", check=True)
     data = json.loads(out.stdout)
     assert data["queue"] == "c:t@example.com"
     assert data["meta"] == {"tenant": "t", "campaign": "c"}
@@ -64,7 +65,15 @@ def test_inspect_message(make_serve):
     created = dt.datetime.fromisoformat(data["created"].replace("Z", "+00:00"))
     assert 3000 < (due - created).total_seconds() < 4400  # retry_interval 1h, +/-10%
     assert "body" not in data
-    with_body = json.loads(srv.kcli("inspect-message", "--id", msg_id, "--want-body").stdout)
+    with_body = json.loads(srv.kcli("inspect-message", "--id", msg_id, "--want-body",
+                                    "--json").stdout)
     assert "the body" in with_body["body"]
-    missing = srv.kcli("inspect-message", "--id", "0" * 32)
+    # KumoMTA's form: the id as the argument; without --json, a table
+    table = srv.kcli("inspect-message", msg_id, check=True).stdout
+    assert re.search(r"QUEUE\s+c:t@example.com", table) and re.search(r"ATTEMPTS\s+1", table)
+    assert re.search(r"META\s+tenant=t campaign=c", table)
+    assert "the body" in srv.kcli("inspect-message", msg_id, "--want-body", check=True).stdout
+    missing = srv.kcli("inspect-message", "0" * 32)
     assert missing.returncode == 1 and "404" in missing.stderr
+    for usage in (["inspect-message"], ["inspect-message", msg_id, "--id", "0" * 32]):
+        assert srv.kcli(*usage).returncode == 2

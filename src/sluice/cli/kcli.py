@@ -235,16 +235,37 @@ def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: st
 
 
 @cli.command("inspect-message")
-@click.option("--id", "msg_id", required=True, help="Message id (from the logs).")
+@click.argument("message_id", required=False, metavar="[ID]")
+@click.option("--id", "msg_id", default=None, help="Message id (from the logs); or give it "
+              "as the argument, as KumoMTA's kcli takes it.")
 @click.option("--want-body", is_flag=True, help="Include the message content.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON object.")
 @click.pass_obj
-def inspect_message(client: Client, msg_id: str, want_body: bool) -> None:
+def inspect_message(client: Client, message_id: str | None, msg_id: str | None, want_body: bool,
+                    as_json: bool) -> None:
     """Show a queued message: queue, meta, attempts, next due time."""
-    params = {"id": msg_id}
+    if message_id and msg_id and message_id != msg_id:
+        raise click.UsageError("give the message id once: as the argument or with --id")
+    wanted = message_id or msg_id
+    if not wanted:
+        raise click.UsageError("which message? kcli inspect-message ID (or --id ID)")
+    params = {"id": wanted}
     if want_body:
         params["want_body"] = "true"
     data = client.call("GET", "/api/admin/inspect-message/v1", params=params)
-    click.echo(json.dumps(data, indent=2))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    body = data.pop("body", None)
+    table = Table(box=None, show_header=False)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        table.add_row(key.upper(), str(value))
+    _console().print(table)
+    if body is not None:
+        click.echo()
+        click.echo(body, nl=False)
 
 
 def main() -> None:
