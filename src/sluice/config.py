@@ -1,4 +1,4 @@
-"""Typed settings read from TOML, with the embedded defaults of SPEC section 2.
+"""Typed settings read from TOML, with the embedded defaults (README, "Configuration").
 
 Every key is optional. A bad file raises ConfigError whose message names the
 file, the key and the problem, so ``sluice serve`` can stop with it.

@@ -2,7 +2,8 @@
 
 Records are never written to files directly by the code that causes them:
 they are inserted into the spool's ``outbox`` table in the same transaction
-as the state change they describe (DESIGN invariant 5). ``LogWriter`` drains
+as the state change they describe (docs/ARCHITECTURE.md, "Records follow
+state"). ``LogWriter`` drains
 the outbox to ``<data_dir>/logs/YYYYMMDD.jsonl``, fsyncs, and only then
 deletes the drained rows, so a crash can at worst repeat a record.
 """

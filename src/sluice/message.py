@@ -1,6 +1,7 @@
 """Messages, their meta data, and scheduled queue names.
 
-A scheduled queue name is built from a message's meta data (SPEC section 4):
+A scheduled queue name is built from a message's meta data (docs/ARCHITECTURE.md,
+"Queues"):
 
     campaign:tenant@domain   both set
     campaign:@domain         only a campaign

@@ -5,7 +5,7 @@ stops the start before anything happens), then the spool opens and the
 rules load, and only then is anyone served (a rule that was in force before
 a restart is in force for the first message after it). Stop order is the
 reverse: listeners close first, then deliveries under way get a few seconds
-to finish, the rest is put back.
+to finish, the rest is put back. docs/ARCHITECTURE.md has the whole map.
 """
 
 from __future__ import annotations

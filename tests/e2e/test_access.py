@@ -1,4 +1,4 @@
-"""Access control of the admin and inject API (SPEC section 10)."""
+"""Access control of the admin and inject API."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration: embedded defaults (SPEC section 2), keys (section 3), errors."""
+"""Configuration: embedded defaults, keys, errors."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ retry_interval = "1h 30m"
 
 
 def write(tmp_path: Path, text: str, name: str = "sluice.toml") -> Path:
-    """Write a config file; the tokens file that SPEC's example names is
+    """Write a config file; the tokens file that the full example names is
     made beside it (a tokens_file that cannot be read stops the start)."""
     tokens = tmp_path / "tokens"
     tokens.write_text("ops:secret\n")

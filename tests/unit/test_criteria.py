@@ -1,4 +1,4 @@
-"""Rule criteria: which scheduled queues a bounce/suspend rule selects (SPEC 8)."""
+"""Rule criteria: which scheduled queues a bounce/suspend rule selects."""
 
 from __future__ import annotations
 

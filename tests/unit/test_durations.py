@@ -1,4 +1,4 @@
-"""Durations as operators write them (SPEC section 3)."""
+"""Durations as operators write them (README, "Configuration")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading the tenant/campaign headers of a received message (SPEC section 4)."""
+"""Reading the tenant/campaign headers of a received message."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Queue names and address/domain normalization (SPEC section 4)."""
+"""Queue names and address/domain normalization."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retry schedule and expiry (SPEC sections 2 and 6)."""
+"""Retry schedule and expiry."""
 
 from __future__ import annotations
 

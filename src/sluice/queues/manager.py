@@ -11,7 +11,8 @@ A claimed message is "in hand" (``spool.in_hand``) from the moment it is
 claimed until its fate is written. One that leaves every hand without a
 fate (a bug, a failed write) is an orphan: the reaper finds it and gives
 it a TransientFailure and a retry, or its admin bounce if a bounce rule now
-matches it; a bounce sweep takes it like any other matching message.
+matches it; a bounce sweep takes it like any other matching message (see
+docs/ARCHITECTURE.md, "The flow of a message").
 """
 
 from __future__ import annotations

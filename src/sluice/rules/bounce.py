@@ -15,7 +15,8 @@ it is in force (before the API answers):
 
 The AdminBounce record is made here and only here (``record``; a sweep's
 chunk is packed, an internal optimization of the log writer that expands it
-to exactly the records ``record`` makes).
+to exactly the records ``record`` makes). docs/ARCHITECTURE.md, "The flow of a
+bounce", walks through it; the tests of each guarantee are listed there.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ All writes go through ``_Writer``: callers submit small functions, the writer
 runs every function waiting at that moment in one transaction (each in its
 own savepoint) and commits once with ``synchronous=FULL``; that single fsync
 acknowledges them all (group commit). Reads use a separate connection on a
-reader thread. Memory holds per-queue counters, never per-message objects.
+reader thread. Memory holds per-queue counters, never per-message objects
+(docs/ARCHITECTURE.md, "Memory").
 """
 
 from __future__ import annotations
