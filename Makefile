@@ -20,7 +20,7 @@ peers:
 	@tests/install-peers.sh
 
 test: install peers
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3  # three at a time: most tests wait on servers, not the CPU
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
