@@ -36,8 +36,11 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bounce import LogCounter as AdminBounceCounter  # noqa: E402
 from inject import fs_type, process_tree, terminate  # noqa: E402
+
+from tests.support.peers import MASTER_CF  # noqa: E402  (the tests' private Postfix, too)
 
 ROOT = Path(__file__).resolve().parent.parent
 SLUICE = Path(sys.executable).parent / "sluice"
@@ -309,32 +312,7 @@ maillog_file = {self.maillog}
 maillog_file_prefixes = {self.base}
 biff = no
 """)
-        # Debian's master.cf without chroot (the chroot jail of a non-default
-        # queue directory would lack /etc files) and without the pipe services.
-        (self.etc / "master.cf").write_text(f"""\
-127.0.0.1:{self.port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-""")
+        (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port))
         r = subprocess.run([POSTFIX, "-c", str(self.etc), "start"], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed ({r.returncode}): {r.stdout}{r.stderr}\n"

@@ -273,23 +273,36 @@ def expand(entry: bytes) -> bytes:
                         num_attempts=attempts, nodeid=nodeid, response=response,
                         reception_protocol=proto, now=now)
             for i, sender, rcpt, queue, size, created, attempts, proto in rows)
-    metas: dict[str, bytes] = {}
+    # Per-queue and per-second parts are serialized once per batch.
+    queues: dict[str, tuple[bytes, bytes]] = {}
+    seconds: dict[int, bytes] = {}
+    protos: dict[str | None, bytes] = {}
     dumps = orjson.dumps
     out = []
     for i, sender, rcpt, queue, size, created, attempts, proto in rows:
-        m = metas.get(queue)
-        if m is None:
-            m = metas[queue] = dumps(meta.get(queue, {}))
-        out.append(fill((dumps(i), dumps(sender), dumps(rcpt), dumps(queue), size, int(created),
-                         attempts, m, dumps(_rfc3339(created)), dumps(proto))))
+        q = queues.get(queue)
+        if q is None:
+            q = queues[queue] = (dumps(queue), dumps(meta.get(queue, {})))
+        whole = int(created)
+        sec = seconds.get(whole)
+        if sec is None:
+            sec = seconds[whole] = _second(whole).encode()
+        p = protos.get(proto)
+        if p is None:
+            p = protos[proto] = dumps(proto)
+        out.append(fill((dumps(i), dumps(sender), dumps(rcpt), q[0], size, whole, attempts, q[1],
+                         sec, p, int((created - whole) * 1_000_000))))
     return b"\n".join(out)
 
 
 # Values that stand for a record's per-message fields in a template record,
-# in the order ``fill`` takes them (see ``_template``).
+# in the order ``fill`` takes them (see ``_template``). ``created_time`` takes
+# two fields, its whole second (formatted) and its microseconds.
 _MARKS: tuple[Any, ...] = ("\x00id\x00", "\x00sender\x00", "\x00rcpt\x00", "\x00queue\x00",
                            -9007199254740001, -9007199254740002, -9007199254740003,
                            {"\x00meta\x00": ""}, "\x00ctime\x00", "\x00proto\x00")
+_CTIME = 8
+_CTIME_SLOT = b'"%s.%06dZ"'
 
 
 def _template(kind: str, response: Response, nodeid: str,
@@ -317,15 +330,17 @@ def _template(kind: str, response: Response, nodeid: str,
         mark = b"%d" % value if isinstance(value, int) else orjson.dumps(value)
         if sample.count(mark) != 1:
             return None
-        found.append((sample.index(mark), len(mark), k, b"%d" if isinstance(value, int) else b"%s"))
+        slot = _CTIME_SLOT if k == _CTIME else b"%d" if isinstance(value, int) else b"%s"
+        found.append((sample.index(mark), len(mark), k, slot))
     found.sort()
-    fmt, at = [], 0
-    for pos, length, _, slot in found:
+    fmt, at, keys = [], 0, []
+    for pos, length, k, slot in found:
         fmt += [sample[at:pos].replace(b"%", b"%%"), slot]
         at = pos + length
+        keys += [k, len(_MARKS)] if k == _CTIME else [k]  # the microseconds come last
     fmt.append(sample[at:].replace(b"%", b"%%"))
     template = b"".join(fmt)
-    order = operator.itemgetter(*(k for _, _, k, _ in found))
+    order = operator.itemgetter(*keys)
     return lambda fields: template % order(fields)
 
 

@@ -94,7 +94,10 @@ class SlowPeer:
 
 POSTFIX = "/usr/sbin/postfix"
 
-_MASTER_CF = """\
+# Debian's master.cf without chroot (the chroot jail of a non-default queue
+# directory would lack /etc files) and without the pipe services; shared
+# with bench/peer_postfix.py.
+MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
@@ -156,7 +159,7 @@ class Postfix:
             **self.extra,
         }
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.etc / "master.cf").write_text(_MASTER_CF.format(port=self.port))
+        (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port))
         r = subprocess.run([POSTFIX, "-c", str(self.etc), "start"], capture_output=True,
                            text=True, check=False)
         if r.returncode != 0:
