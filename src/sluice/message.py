@@ -15,6 +15,8 @@ are kept exactly as given apart from surrounding white space.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 
@@ -155,3 +157,15 @@ def queue_for(domain: str, meta: Meta) -> QueueName:
     """The scheduled queue a message to ``domain`` with ``meta`` belongs to."""
     return QueueName(domain=domain, campaign=meta.campaign, tenant=meta.tenant,
                      routing_domain=meta.routing_domain)
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern.casefold()), re.S)
+
+
+def glob_match(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches the glob ``pattern`` (``*``, ``?``, ``[...]``),
+    case-insensitively: the one matcher of per-message criteria, used by the
+    rules in memory and, as an SQL function, by the spool."""
+    return _glob(pattern).match(value.casefold()) is not None

@@ -62,7 +62,7 @@ async def test_bounce_sweeps_matching_mail_with_one_record_each(parts, tmp_path)
     spool, bounces, _, changes, stats = parts
     await spool.receive(b"x", [inbound("c@a.com", "1@a.com"), inbound("c@a.com", "2@a.com"),
                                inbound("b.com", "3@b.com")])
-    assert bounces.dry_run(Criteria(tenant="c")) == {"c@a.com": 2}
+    assert await bounces.dry_run(Criteria(tenant="c")) == ({"c@a.com": 2}, None)
     rule = await bounces.create(Criteria(tenant="c"), "wrong tenant", later())
     assert changes == ["changed"]  # in force everywhere before create returns
     await until(lambda: spool.index.counts() == {"b.com": 1})

@@ -98,7 +98,8 @@ async def test_sweep_takes_scheduled_held_and_orphans_but_not_what_is_in_hand(sp
         packed.append(sorted(m.recipient for m in msgs))
         return None
 
-    assert await spool.sweep(["a.com"], 100, pack, "rule-1") == {"a.com": 3}
+    swept = await spool.sweep(["a.com"], 100, pack, "rule-1")
+    assert (swept.removed, swept.exhausted) == ({"a.com": 3}, ["a.com"])
     assert packed == [["held@a.com", "orphan@a.com", "queued@a.com"]]
     assert spool.index.counts() == {"a.com": 1}
     # what is left is the one in hand, still claimed
@@ -114,8 +115,8 @@ async def test_sweep_writes_its_packed_records_in_the_same_commit(spool, tmp_pat
                         queue="a.com", meta={}, size=0, created=0, num_attempts=0,
                         nodeid="00000000-0000-4000-8000-000000000000",
                         response=Response(551, "gone", (5, 7, 1)))
-    removed = await spool.sweep(["a.com"], 2, lambda msgs: entry, "rule-1")
-    assert removed == {"a.com": 2}  # the chunk limit
+    swept = await spool.sweep(["a.com"], 2, lambda msgs: entry, "rule-1")
+    assert (swept.removed, swept.exhausted) == ({"a.com": 2}, [])  # the chunk limit
     assert spool.index.counts() == {"a.com": 1}
     await until(lambda: read_records(tmp_path / "var", ADMIN_BOUNCE))
     assert [r["id"] for r in read_records(tmp_path / "var", ADMIN_BOUNCE)] == ["whole-batch"]
@@ -147,3 +148,28 @@ async def test_rules_and_their_counts_are_stored(spool):
     assert [r["id"] for r in await spool.load_rules()] == ["r2"]
     await spool.delete_rules(["r2"])
     assert await spool.load_rules() == []
+
+
+async def test_per_message_filter_in_sweep_and_count(spool):
+    from sluice.spool.base import MessageFilter
+
+    old = time.time() - 7200
+    items = [inbound("a.com", "x@a.com"), inbound("a.com", "y@a.com", created=old),
+             inbound("b.com", "z@b.com", created=old)]
+    items[0].sender = "Spam@Bad.Example"
+    items[1].sender = "ok@good.example"
+    items[2].sender = "spam2@bad.example"
+    for item in items:
+        await spool.receive(b"x", [item])
+    bad = MessageFilter(sender="*@bad.example")
+    counts, samples = await spool.count_matching(["a.com", "b.com"], bad, samples=1)
+    assert counts == {"a.com": 1, "b.com": 1} and len(samples) == 1
+    counts, _ = await spool.count_matching(["a.com", "b.com"],
+                                           MessageFilter(created_before=time.time() - 3600))
+    assert counts == {"a.com": 1, "b.com": 1}
+    swept = await spool.sweep(["a.com", "b.com"], 100, lambda msgs: None, "r", bad)
+    assert swept.removed == {"a.com": 1, "b.com": 1}
+    assert sorted(swept.exhausted) == ["a.com", "b.com"]
+    assert spool.index.counts() == {"a.com": 1}
+    [left] = await spool.claim_due(time.time() + 1, 10)
+    assert left.sender == "ok@good.example"

@@ -159,12 +159,58 @@ def test_same_criteria_compare_equal_after_normalization():
 @pytest.mark.parametrize("kw", [
     {}, {"campaign": "c", "tenant": "t", "domain": "d.com", "routing_domain": "r.com"},
     {"queue_names": ["a.com", "t@b.com"]},
+    {"sender": "*@x.org", "recipient": "?b@*", "older_than": 7200.0, "tenant": "t"},
 ])
 def test_as_dict_from_dict_round_trip(kw):
     c = Criteria.build(**kw)
     d = c.as_dict()
-    assert set(d) == {"campaign", "tenant", "domain", "routing_domain", "queue_names"}
+    assert set(d) == {"campaign", "tenant", "domain", "routing_domain", "queue_names",
+                      "sender", "recipient", "older_than"}
     assert Criteria.from_dict(d) == c
+
+
+def test_rows_stored_before_per_message_criteria_still_load():
+    old = {"campaign": "c", "tenant": None, "domain": None, "routing_domain": None,
+           "queue_names": None}
+    assert Criteria.from_dict(old) == Criteria(campaign="c")
+
+
+class Msg:
+    def __init__(self, sender="a@b.org", recipient="r@x.com", created=1000.0) -> None:
+        self.sender, self.recipient, self.created = sender, recipient, created
+
+
+@pytest.mark.parametrize("kw,msg,expected", [
+    ({"sender": "*@Compromised.Example"}, Msg(sender="Spam@compromised.example"), True),
+    ({"sender": "*@compromised.example"}, Msg(sender="a@other.example"), False),
+    ({"sender": "*@compromised.example"}, Msg(sender="a@compromised.example.net"), False),
+    ({"recipient": "?@x.com"}, Msg(recipient="r@X.COM"), True),
+    ({"recipient": "?@x.com"}, Msg(recipient="rr@x.com"), False),
+    ({"sender": "\u00fc*@x.org"}, Msg(sender="\u00dcser@X.org"), True),  # not only ASCII
+    ({"older_than": 100.0}, Msg(created=850.0), True),
+    ({"older_than": 100.0}, Msg(created=950.0), False),
+    ({"sender": "*@x.org", "older_than": 100.0}, Msg(sender="a@x.org", created=950.0), False),
+    ({}, Msg(), True),
+])
+def test_per_message_criteria(kw, msg, expected):
+    c = Criteria.build(**kw)
+    assert c.per_message == bool(kw)
+    assert c.matches_message(msg, now=1000.0) is expected
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"sender": "  "}, "sender"), ({"recipient": ""}, "recipient"),
+    ({"older_than": 0}, "older_than"), ({"older_than": -5}, "older_than"),
+])
+def test_per_message_criteria_refuse_blank_and_non_positive(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        Criteria.build(**kw)
+
+
+def test_per_message_criteria_count_as_a_selection():
+    assert not Criteria.build(sender="*@x.org").everything
+    assert Criteria.build(sender="*@x.org") != Criteria.build(sender="*@y.org")
+    assert Criteria.build(queue_names=["a.com"], sender="*@x.org").per_message
 
 
 @pytest.mark.parametrize("kw,text", [
@@ -172,6 +218,8 @@ def test_as_dict_from_dict_round_trip(kw):
     ({"campaign": "c", "domain": "Y.com"}, "campaign=c domain=y.com"),
     ({"tenant": "t", "routing_domain": "r.com"}, "tenant=t routing_domain=r.com"),
     ({"queue_names": ["a.com", "b.com"]}, "queue=a.com,b.com"),
+    ({"tenant": "t", "sender": "*@x.org", "older_than": 5400.0},
+     "tenant=t sender=*@x.org older_than=1h 30m"),
 ])
 def test_describe(kw, text):
     assert Criteria.build(**kw).describe() == text

@@ -29,7 +29,9 @@ def criteria_of(req: RuleRequest) -> Criteria:
     """The request's selection, normalized (the one path from operator input to criteria)."""
     try:
         return Criteria.build(campaign=req.campaign, tenant=req.tenant, domain=req.domain,
-                              routing_domain=req.routing_domain, queue_names=req.queue_names)
+                              routing_domain=req.routing_domain, queue_names=req.queue_names,
+                              sender=req.sender, recipient=req.recipient,
+                              older_than=req.older_than_seconds())
     except ValueError as exc:
         field, _, problem = str(exc).partition(": ")
         raise FieldError(field if problem else "body", problem or str(exc)) from None
@@ -40,16 +42,22 @@ def list_entry(rule: Rule) -> dict:
     c = rule.criteria
     return {"id": rule.id, "campaign": c.campaign, "tenant": c.tenant, "domain": c.domain,
             "routing_domain": c.routing_domain, "queue_names": list(c.queue_names or ()),
+            "sender": c.sender, "recipient": c.recipient,
+            "older_than": format_duration(c.older_than) if c.older_than is not None else None,
             "reason": rule.reason, "duration": format_duration(math.floor(rule.remaining()))}
 
 
-@router.post("", response_model=BounceResponse | DryRunResponse)
+@router.post("", response_model=BounceResponse | DryRunResponse, response_model_exclude_none=True)
 async def create_bounce(req: BounceRequest, svc=Depends(services)) -> dict:
     """Bounce matching queued mail now, and matching new mail until the rule expires."""
     criteria = criteria_of(req)
     if req.dry_run:
-        queues = svc.bounces.dry_run(criteria)
-        return {"dry_run": True, "queues": queues, "total": sum(queues.values())}
+        queues, samples = await svc.bounces.dry_run(criteria)
+        out: dict = {"dry_run": True, "queues": queues, "total": sum(queues.values())}
+        if samples is not None:
+            out["samples"] = [{"id": m.id, "sender": m.sender, "recipient": m.recipient,
+                               "queue": m.queue} for m in samples]
+        return out
     rule = await svc.bounces.create(criteria, req.reason, req.expires_at(),
                                     suppress_logging=req.suppress_logging)
     return {"id": rule.id, "bounced": {}, "total_bounced": 0}

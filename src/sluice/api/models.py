@@ -46,8 +46,16 @@ def _label(v: str | None) -> str | None:
     return v
 
 
+def _pattern(v: str | None) -> str | None:
+    v = _label(v)
+    if v is not None and (len(v) > 320 or any(c.isspace() or not c.isprintable() for c in v)):
+        raise ValueError("must be an address glob (no spaces, at most 320 characters)")
+    return v
+
+
 Domain = Annotated[StrictStr | None, AfterValidator(_domain)]
 Label = Annotated[StrictStr | None, AfterValidator(_label)]
+Pattern = Annotated[StrictStr | None, AfterValidator(_pattern)]
 
 
 class _Strict(BaseModel):
@@ -64,6 +72,11 @@ class RuleRequest(_Strict):
     routing_domain: Domain = None
     queue_names: list[StrictStr] | None = Field(
         default=None, description="Exact scheduled queue names, instead of criteria.")
+    sender: Pattern = Field(default=None, description=(
+        "Envelope sender glob (* and ?), case-insensitive, e.g. '*@compromised.example'."))
+    recipient: Pattern = Field(default=None, description="Envelope recipient glob, likewise.")
+    older_than: StrictStr | None = Field(
+        default=None, description="Only messages created more than this long ago, e.g. '2h'.")
     duration: StrictStr | None = Field(
         default=None, description="How long the rule stays in force, e.g. '5m', '1h 30m' (default 5m).")
     expires: dt.datetime | None = Field(
@@ -86,12 +99,15 @@ class RuleRequest(_Strict):
             raise ValueError("must be a non-empty list of non-empty queue names")
         return names
 
-    @field_validator("duration")
+    @field_validator("duration", "older_than")
     @classmethod
     def _duration(cls, v: str | None) -> str | None:
         if v is not None:
             parse_positive_duration(v)
         return v
+
+    def older_than_seconds(self) -> float | None:
+        return parse_positive_duration(self.older_than) if self.older_than is not None else None
 
     @field_validator("expires")
     @classmethod
@@ -131,10 +147,18 @@ class BounceResponse(BaseModel):
     total_bounced: int
 
 
+class Sample(BaseModel):
+    id: str
+    sender: str
+    recipient: str
+    queue: str
+
+
 class DryRunResponse(BaseModel):
     dry_run: bool = True
     queues: dict[str, int]
     total: int
+    samples: list[Sample] | None = None
 
 
 class RuleListEntry(BaseModel):
@@ -144,6 +168,9 @@ class RuleListEntry(BaseModel):
     domain: str | None
     routing_domain: str | None
     queue_names: list[str]
+    sender: str | None = None
+    recipient: str | None = None
+    older_than: str | None = None
     reason: str
     duration: str
 

@@ -69,10 +69,16 @@ def cli(ctx: click.Context, endpoint: str, token: str | None) -> None:
     _setup(ctx, endpoint, token)
 
 
-def _selection(campaign, tenant, domain, routing_domain, queue, everything) -> dict:
-    criteria = {k: v for k, v in (("campaign", campaign), ("tenant", tenant), ("domain", domain),
-                                  ("routing_domain", routing_domain)) if v is not None}
-    if queue and criteria:
+_QUEUE_CRITERIA = ("campaign", "tenant", "domain", "routing_domain")
+_MESSAGE_CRITERIA = ("sender", "recipient", "older_than")
+
+
+def _selection(sel: dict[str, Any]) -> dict[str, Any]:
+    """The API's selection fields from the selection options (``selection_options``)."""
+    queue, everything = sel.pop("queue"), sel.pop("everything")
+    criteria = {k: v for k, v in sel.items() if v is not None}
+    queue_criteria = [k for k in _QUEUE_CRITERIA if k in criteria]
+    if queue and queue_criteria:
         raise click.UsageError("--queue cannot be combined with --campaign, --tenant, "
                                "--domain or --routing-domain")
     if everything and (criteria or queue):
@@ -80,14 +86,20 @@ def _selection(campaign, tenant, domain, routing_domain, queue, everything) -> d
                                "other criteria")
     if not (criteria or queue or everything):
         raise click.UsageError(
-            "no criteria given: name a --campaign, --tenant, --domain, --routing-domain or "
-            "--queue, or say --everything to act on ALL queued mail")
+            "no criteria given: name a --campaign, --tenant, --domain, --routing-domain, "
+            "--queue, --sender, --recipient or --older-than, or say --everything to act on "
+            "ALL queued mail")
     if queue:
         criteria["queue_names"] = list(queue)
     return criteria
 
 
 def selection_options(f):
+    f = click.option("--older-than", default=None,
+                     help="Only messages created more than this long ago, e.g. 2h.")(f)
+    f = click.option("--recipient", default=None, help="Recipient glob, e.g. '*@example.com'.")(f)
+    f = click.option("--sender", default=None,
+                     help="Sender glob, case-insensitive, e.g. '*@compromised.example'.")(f)
     f = click.option("--everything", is_flag=True, help="Select ALL mail.")(f)
     f = click.option("--queue", multiple=True, help="Exact scheduled queue name (repeatable).")(f)
     f = click.option("--routing-domain", default=None)(f)
@@ -105,11 +117,9 @@ def selection_options(f):
 @click.option("--suppress-logging", is_flag=True, help="Write no AdminBounce records.")
 @click.option("--dry-run", is_flag=True, help="Only show which queues match and their sizes.")
 @click.pass_obj
-def bounce(client: Client, reason, duration, campaign, tenant, domain, routing_domain, queue,
-           everything, suppress_logging, dry_run) -> None:
-    """Bounce (cancel) matching queued mail; NOT reversible."""
-    body: dict[str, Any] = {"reason": reason, **_selection(campaign, tenant, domain,
-                                                           routing_domain, queue, everything)}
+def bounce(client: Client, reason, duration, suppress_logging, dry_run, **sel) -> None:
+    """Bounce (cancel) matching queued mail."""
+    body: dict[str, Any] = {"reason": reason, **_selection(sel)}
     if duration is not None:
         body["duration"] = duration
     if suppress_logging:
@@ -121,7 +131,14 @@ def bounce(client: Client, reason, duration, campaign, tenant, domain, routing_d
         for q, n in sorted(data["queues"].items(), key=lambda x: (-x[1], x[0])):
             table.add_row(q, str(n))
         table.add_row("TOTAL", str(data["total"]))
-        _console().print(table)
+        console = _console()
+        console.print(table)
+        if data.get("samples"):
+            samples = Table("ID", "SENDER", "RECIPIENT", "QUEUE", box=None)
+            for m in data["samples"]:
+                samples.add_row(m["id"], m["sender"], m["recipient"], m["queue"])
+            console.print()
+            console.print(samples)
         return
     data = client.call("POST", "/api/admin/bounce/v1", body)
     click.echo(data["id"])
@@ -130,10 +147,8 @@ def bounce(client: Client, reason, duration, campaign, tenant, domain, routing_d
 
 
 def _criteria_text(entry: dict) -> str:
-    if entry.get("queue_names"):
-        return "queue=" + ",".join(entry["queue_names"])
-    parts = [f"{k}={entry[k]}" for k in ("campaign", "tenant", "domain", "routing_domain")
-             if entry.get(k)]
+    parts = ["queue=" + ",".join(entry["queue_names"])] if entry.get("queue_names") else []
+    parts += [f"{k}={entry[k]}" for k in (*_QUEUE_CRITERIA, *_MESSAGE_CRITERIA) if entry.get(k)]
     return " ".join(parts) or "everything"
 
 
@@ -165,11 +180,9 @@ def bounce_cancel(client: Client, rule_id: str) -> None:
 @cli.command()
 @selection_options
 @click.pass_obj
-def suspend(client: Client, reason, duration, campaign, tenant, domain, routing_domain, queue,
-            everything) -> None:
+def suspend(client: Client, reason, duration, **sel) -> None:
     """Hold matching mail in its queue (not delivered, not bounced)."""
-    body: dict[str, Any] = {"reason": reason, **_selection(campaign, tenant, domain,
-                                                           routing_domain, queue, everything)}
+    body: dict[str, Any] = {"reason": reason, **_selection(sel)}
     if duration is not None:
         body["duration"] = duration
     data = client.call("POST", "/api/admin/suspend/v1", body)

@@ -122,7 +122,8 @@ class Dispatcher:
         """Remove the waiting (not in-flight) messages ``rule`` selects, from every site."""
         def selected(m: Stored) -> bool:
             parts = self.parts.get(m.queue)
-            return parts is not None and rule.criteria.matches(m.queue, parts)
+            return (parts is not None and rule.criteria.matches(m.queue, parts)
+                    and rule.criteria.matches_message(m))
 
         return [m for site in list(self.sites.values()) for m in site.take(selected)]
 

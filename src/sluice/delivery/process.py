@@ -187,7 +187,8 @@ class DeliveryProcess:
         """Messages ``rule`` selects: those not sent over yet, and those the
         delivery process has waiting in its ready queues (it has the rule: the
         rules are pushed before this is called)."""
-        selected = [m for m, p in self._pending if rule.criteria.matches(m.queue, p)]
+        selected = [m for m, p in self._pending
+                    if rule.criteria.matches(m.queue, p) and rule.criteria.matches_message(m)]
         if selected:
             ids = {m.id for m in selected}
             self._pending = [(m, p) for m, p in self._pending if m.id not in ids]

@@ -47,8 +47,8 @@ class Upstream(Outcomes):
 
     def may_send_data(self, msg: Stored) -> bool:
         parts = self.parts[msg.queue]
-        return (self.bounces.match(msg.queue, parts) is None
-                and self.suspensions.match(msg.queue, parts) is None)
+        return (self.bounces.match(msg.queue, parts, msg) is None
+                and self.suspensions.match(msg.queue, parts, msg) is None)
 
     async def dispose_stopped(self, msg: Stored) -> None:
         await self._tell(Outcome(kind="stopped", id=msg.id))

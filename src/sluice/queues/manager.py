@@ -158,17 +158,18 @@ class QueueManager(Outcomes):
 
     def may_send_data(self, msg: Stored) -> bool:
         parts = self.spool.index.parts(msg.queue)
-        return (self.bounces.check(msg.queue, parts) is None
-                and self.suspensions.check(msg.queue, parts) is None)
+        return (self.bounces.check(msg.queue, parts, msg) is None
+                and self.suspensions.check(msg.queue, parts, msg) is None)
 
     @_settles
     async def dispose_stopped(self, msg: Stored) -> None:
         """A rule stopped ``msg`` before it was sent: bounce it, or hold it again."""
-        rule = self.bounces.check(msg.queue, self.spool.index.parts(msg.queue))
+        parts = self.spool.index.parts(msg.queue)
+        rule = self.bounces.check(msg.queue, parts, msg)
         if rule is not None:
             await self.bounces.bounce_claimed(msg, rule)
         else:
-            held = self.suspensions.check(msg.queue, self.spool.index.parts(msg.queue)) is not None
+            held = self.suspensions.check(msg.queue, parts, msg) is not None
             await self.spool.release([msg], held=held)
 
     # -- outcomes ----------------------------------------------------------
@@ -197,7 +198,7 @@ class QueueManager(Outcomes):
         records = [self.record(TRANSIENT_FAILURE, msg, resp, attempt)]
         self.stats[TRANSIENT_FAILURE] += 1
         parts = self.spool.index.parts(msg.queue)
-        rule = self.bounces.check(msg.queue, parts)
+        rule = self.bounces.check(msg.queue, parts, msg)
         if rule is not None:
             await self.bounces.bounce_claimed(msg, rule, before=records)
             return

@@ -112,7 +112,7 @@ class Intake:
                 meta=meta.as_dict(), size=size, created=now, num_attempts=0, nodeid=self.nodeid,
                 response=ack, peer=peer, reception_protocol=protocol, session_id=session_id,
                 now=now))
-            rule = self.bounces.check(name, queue)
+            rule = self.bounces.check(name, queue, item)
             if rule is not None:
                 item.terminal = True
                 item.rule_id = rule.id
@@ -122,7 +122,7 @@ class Intake:
                     item.records.append(rec)
                 caught[(rule.id, name)] += 1
             else:
-                item.held = self.suspensions.check(name, queue) is not None
+                item.held = self.suspensions.check(name, queue, item) is not None
             items.append(item)
         await self.spool.receive(body, items)
         self.stats[RECEPTION] += len(items)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..message import QueueName
-from .criteria import Criteria
+from .criteria import Criteria, Envelope
 
 BOUNCE = "bounce"
 SUSPEND = "suspend"
@@ -70,7 +70,7 @@ class RuleBook:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._rules: dict[str, Rule] = {}
-        self._cache: dict[str, Rule | None] = {}
+        self._cache: dict[str, tuple[Rule, ...]] = {}
         self.version = 0
 
     def load(self, rows: list[dict[str, Any]]) -> list[str]:
@@ -120,17 +120,27 @@ class RuleBook:
         now = time.time()
         return [r for r in self._rules.values() if not r.active(now)]
 
-    def match(self, name: str, parts: QueueName) -> Rule | None:
-        """The active rule that applies to queue ``name``, if any."""
-        rule = self._cache.get(name, False)
-        if rule is False or (rule is not None and not rule.active()):
-            now = time.time()
-            rule = None
-            for r in self._rules.values():
-                if r.active(now) and r.criteria.matches(name, parts):
-                    rule = r
-                    break
+    def match(self, name: str, parts: QueueName, msg: Envelope | None = None) -> Rule | None:
+        """The active rule that applies to a message of queue ``name``, if any.
+
+        Rules with per-message criteria apply only when ``msg`` is given and
+        matches them: without ``msg`` the question is "does a rule select this
+        whole queue?"."""
+        rules = self._cache.get(name)
+        if rules is None:
+            # the rules whose queue criteria select this queue, expired or not
+            rules = tuple(r for r in self._rules.values() if r.criteria.matches(name, parts))
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[name] = rule
-        return rule
+            self._cache[name] = rules
+        if not rules:
+            return None
+        now = time.time()
+        for r in rules:
+            if not r.active(now):
+                continue
+            if not r.criteria.per_message:
+                return r
+            if msg is not None and r.criteria.matches_message(msg, now):
+                return r
+        return None

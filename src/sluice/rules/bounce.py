@@ -59,9 +59,16 @@ class Bounces(RuleKind):
 
     # -- selection ---------------------------------------------------------
 
-    def dry_run(self, criteria: Criteria) -> dict[str, int]:
-        """The queues a rule with ``criteria`` would sweep now, with their sizes."""
-        return self.spool.index.matching(criteria)
+    async def dry_run(self, criteria: Criteria,
+                      samples: int = 10) -> tuple[dict[str, int], list[Stored] | None]:
+        """What a rule with ``criteria`` would bounce now: messages per queue,
+        and (with per-message criteria, which are counted message by message)
+        up to ``samples`` of them."""
+        queues = self.spool.index.matching(criteria)
+        where = criteria.message_filter()
+        if where is None:
+            return queues, None
+        return await self.spool.count_matching(queues, where, samples)
 
     # -- records and counts ------------------------------------------------
 
@@ -149,15 +156,16 @@ class Bounces(RuleKind):
         def pack(msgs: list[Stored]) -> bytes | None:
             return self._pack(msgs, rule)
 
+        done: set[str] = set()  # queues with nothing more to take (new mail is caught on arrival)
         try:
             while rule.active():
-                matching = self.spool.index.matching(rule.criteria)
-                if not matching:
+                queues = [q for q in self.spool.index.matching(rule.criteria) if q not in done]
+                if not queues:
                     return
-                removed = await self.spool.sweep(list(matching), SWEEP_CHUNK, pack, rule.id)
-                if not removed:
-                    return
-                self.counted(rule.id, removed.items())
+                swept = await self.spool.sweep(queues, SWEEP_CHUNK, pack, rule.id,
+                                               rule.criteria.message_filter())
+                done.update(swept.exhausted)
+                self.counted(rule.id, swept.removed.items())
                 await asyncio.sleep(0)  # let reception and delivery run between chunks
         except asyncio.CancelledError:
             raise

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from ..message import QueueName
 from ..spool import Spool
 from .book import Rule, RuleBook, new_rule
-from .criteria import Criteria
+from .criteria import Criteria, Envelope
 
 Changed = Callable[[], Awaitable[None]]
 
@@ -34,11 +34,12 @@ class RuleKind:
 
     # -- the checkpoint ----------------------------------------------------
 
-    def check(self, name: str, parts: QueueName) -> Rule | None:
-        """The rule of this kind in force for queue ``name``, if any: the one
-        call every checkpoint makes (reception, promotion, right before DATA,
-        requeue)."""
-        return self.book.match(name, parts) if self.book else None
+    def check(self, name: str, parts: QueueName, msg: Envelope | None = None) -> Rule | None:
+        """The rule of this kind in force for a message ``msg`` of queue
+        ``name``, if any: the one call every checkpoint makes (reception,
+        promotion, right before DATA, requeue). Without ``msg``: a rule that
+        selects the whole queue."""
+        return self.book.match(name, parts, msg) if self.book else None
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -65,6 +65,17 @@ class Stored:
     protocol: str | None = None  # how it was received: the records' reception_protocol
 
 
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    """Per-message criteria as the spool applies them to rows: glob patterns
+    on the sender and recipient (``message.glob_match``), and a creation time
+    to be before. None: any."""
+
+    sender: str | None = None
+    recipient: str | None = None
+    created_before: float | None = None
+
+
 # Makes the outbox entry for a chunk of admin-bounced messages (None: no records).
 PackFn = Callable[[list[Stored]], bytes | None]
 

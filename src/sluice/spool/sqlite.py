@@ -19,14 +19,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..logs import LogWriter
-from ..message import QueueName
-from .base import Inbound, PackFn, Stored
+from ..message import QueueName, glob_match
+from .base import Inbound, MessageFilter, PackFn, Stored
 from .index import QueueIndex
 
 SCHEDULED = 0   # waiting in its scheduled queue until due
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS messages (
     state INTEGER NOT NULL DEFAULT 0,
     protocol TEXT
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS messages_queue_due ON messages(queue, due);
+CREATE INDEX IF NOT EXISTS messages_queue_state ON messages(queue, state);
 CREATE INDEX IF NOT EXISTS messages_scheduled_due ON messages(due) WHERE state = 0;
 -- A removed message only notes its body as garbage (an append); bodies are
 -- released later in small batches, off the path of sweeps and deliveries.
@@ -93,8 +94,35 @@ _COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, pr
 Op = Callable[[sqlite3.Connection], Any]
 
 
+def _where(f: MessageFilter | None) -> tuple[str, list[Any]]:
+    """SQL for per-message criteria: `` AND ...`` and its parameters."""
+    if f is None:
+        return "", []
+    sql, params = "", []
+    if f.sender is not None:
+        sql += " AND sluice_glob(?, sender)"
+        params.append(f.sender)
+    if f.recipient is not None:
+        sql += " AND sluice_glob(?, recipient)"
+        params.append(f.recipient)
+    if f.created_before is not None:
+        sql += " AND created < ?"
+        params.append(f.created_before)
+    return sql, params
+
+
+@dataclass(slots=True)
+class Swept:
+    """What one sweep step removed, per queue, and which of the queues it was
+    given hold nothing more it selects (the next step can skip them)."""
+
+    removed: dict[str, int]
+    exhausted: list[str]
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.create_function("sluice_glob", 2, glob_match, deterministic=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
@@ -283,6 +311,7 @@ class SqliteSpool:
         conn = _connect(self.path)
         try:
             conn.executescript(_SCHEMA)
+            conn.execute("DROP INDEX IF EXISTS messages_queue_due")  # before messages_queue_state
             columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
             if "protocol" not in columns:  # a spool made before the column existed
                 conn.execute("ALTER TABLE messages ADD COLUMN protocol TEXT")
@@ -482,32 +511,38 @@ class SqliteSpool:
                 "UPDATE messages SET state = ? WHERE queue = ? AND state = ?",
                 [(new, q, old) for q in names]))
 
-    async def sweep(self, queues: Collection[str], limit: int, pack: PackFn,
-                    rule_id: str) -> dict[str, int]:
-        """Remove up to ``limit`` messages of ``queues``, queue by queue (each
-        queue's rows are contiguous: see ``new_message_id``): scheduled, held,
-        and claimed ones that are not in hand (orphans). Those in hand are on
-        their way to a destination, where the rule's fence stops them."""
+    async def sweep(self, queues: Collection[str], limit: int, pack: PackFn, rule_id: str,
+                    where: MessageFilter | None = None) -> Swept:
+        """Remove up to ``limit`` messages of ``queues`` that ``where`` selects,
+        queue by queue (each queue's rows are contiguous: see
+        ``new_message_id``): scheduled, held, and claimed ones that are not in
+        hand (orphans). Those in hand are on their way to a destination,
+        where the rule's fence stops them."""
         names = list(queues)
         in_hand = self.in_hand
+        clause, params = _where(where)
 
-        def op(conn: sqlite3.Connection) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> Swept:
             removed: dict[str, int] = defaultdict(int)
+            exhausted: list[str] = []
             gone: list[Stored] = []
             for name in names:
-                if len(gone) >= limit:
+                want = limit - len(gone)
+                if want <= 0:
                     break
                 rows = conn.execute(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-                    " WHERE queue = ? AND state IN (0, 2) LIMIT ?)"
-                    f" RETURNING {_COLS}", (name, limit - len(gone))).fetchall()
-                if len(rows) < limit - len(gone):
+                    f" WHERE queue = ? AND state IN (0, 2){clause} LIMIT ?)"
+                    f" RETURNING {_COLS}", (name, *params, want)).fetchall()
+                if len(rows) < want:
                     orphans = [i for (i,) in conn.execute(
-                        "SELECT id FROM messages WHERE queue = ? AND state = 1", (name,))
-                        if i not in in_hand][:limit - len(gone) - len(rows)]
+                        f"SELECT id FROM messages WHERE queue = ? AND state = 1{clause}",
+                        (name, *params)) if i not in in_hand][:want - len(rows)]
                     for i in orphans:
                         rows += conn.execute(f"DELETE FROM messages WHERE id = ? RETURNING {_COLS}",
                                              (i,)).fetchall()
+                    if len(rows) < want:
+                        exhausted.append(name)
                 gone += map(_row, rows)
                 if rows:
                     removed[name] = len(rows)
@@ -515,13 +550,36 @@ class SqliteSpool:
             if packed is not None:
                 self._add_records(conn, [packed])
             self._count_rule(conn, rule_id, removed)
-            return dict(removed)
+            return Swept(dict(removed), exhausted)
 
         self._last_sweep = time.monotonic()
-        removed = await self._submit(op)
-        for name, n in removed.items():
+        swept = await self._submit(op)
+        for name, n in swept.removed.items():
             self.index.remove(name, n)
-        return removed
+        return swept
+
+    async def count_matching(self, queues: Collection[str], where: MessageFilter,
+                             samples: int = 10) -> tuple[dict[str, int], list[Stored]]:
+        """How many queued messages of ``queues`` ``where`` selects, per queue,
+        and up to ``samples`` of them (a dry run; reads only)."""
+        names = list(queues)
+        clause, params = _where(where)
+
+        def read(conn: sqlite3.Connection) -> tuple[dict[str, int], list[Stored]]:
+            counts: dict[str, int] = {}
+            found: list[Stored] = []
+            for name in names:
+                (n,) = conn.execute(f"SELECT count(*) FROM messages WHERE queue = ?"
+                                    f" AND state IN (0, 1, 2){clause}", (name, *params)).fetchone()
+                if n:
+                    counts[name] = n
+                    if len(found) < samples:
+                        found += map(_row, conn.execute(
+                            f"SELECT {_COLS} FROM messages WHERE queue = ? AND state IN (0, 1, 2)"
+                            f"{clause} LIMIT ?", (name, *params, samples - len(found))))
+            return counts, found
+
+        return await self._read(read)
 
     async def collect_bodies(self, limit: int = 1000) -> int:
         """Release the bodies of up to ``limit`` removed messages; returns how many."""
