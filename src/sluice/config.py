@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from .durations import parse_positive_duration
+from .durations import parse_duration, parse_positive_duration
 from .message import AddressError, normalize_domain
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,6 +42,19 @@ def _duration(value: Any) -> float:
 
 
 Seconds = Annotated[float, BeforeValidator(_duration)]
+
+
+def _duration_or_zero(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration string like '0s', '10m' or '1h'")
+    return parse_duration(value)
+
+
+SecondsOrZero = Annotated[float, BeforeValidator(_duration_or_zero)]
 
 
 def _host_port(value: Any) -> str:
@@ -201,6 +214,16 @@ class DeliverySettings(_Section):
     nameservers: list[HostPort] = []   # DNS servers for MX lookups; empty = the system's
 
 
+class AdminSettings(_Section):
+    # A new bounce rule holds matching mail this long before it bounces it
+    # (its "grace"; the API's "grace" field overrides it). 0s: at once.
+    bounce_grace: SecondsOrZero = 0.0
+    # What an admin bounce removed is kept this long, so that it can be
+    # restored; 0s: nothing is kept. Within max_bytes, oldest dropped first.
+    bounce_retention: SecondsOrZero = 3600.0
+    bounce_retention_max_bytes: int = Field(default=1 << 30, ge=0)
+
+
 class Settings(BaseModel):
     """The whole configuration; ``Settings()`` is the embedded default."""
 
@@ -212,6 +235,7 @@ class Settings(BaseModel):
     queue: QueueSettings = QueueSettings()
     queue_overrides: dict[str, QueueOverride] = {}
     delivery: DeliverySettings = DeliverySettings()
+    admin: AdminSettings = AdminSettings()
     routes: dict[str, HostPort] = {}
     routing_domains: dict[str, str] = {}
 

@@ -31,6 +31,7 @@ BOUNCE = "Bounce"
 EXPIRATION = "Expiration"
 ADMIN_BOUNCE = "AdminBounce"
 REJECTION = "Rejection"
+ADMIN_RESTORE = "AdminRestore"  # Sluice's own: a restore undid an AdminBounce
 
 TERMINAL_TYPES = frozenset({DELIVERY, BOUNCE, EXPIRATION, ADMIN_BOUNCE})
 
@@ -226,6 +227,11 @@ def message_record(kind: str, msg: _StoredMessage, response: Response, *,
                        session_id=attempt.session_id, tls=attempt.tls)
 
 
+# An outbox row that starts with this is an audit entry: the log writer
+# appends it to logs/audit.jsonl instead of the day's record file.
+AUDIT = b"\x00AUD"
+
+
 # An outbox row that starts with this holds a packed batch of records of one
 # kind (a bounce sweep's chunk of AdminBounce records): the shared parts
 # once (kind, response, node, time), the per-message fields as a list. The
@@ -415,24 +421,29 @@ class LogWriter(threading.Thread):
 
     def _drain_once(self, conn: sqlite3.Connection) -> bool:
         chunks: list[bytes] = []
+        audit: list[bytes] = []
         size = 0
         last = self._last_seq
         full = False
         for seq, record in conn.execute("SELECT seq, record FROM outbox WHERE seq > ? ORDER BY seq",
                                         (self._last_seq,)):
-            chunks.append(expand(record))
-            size += len(chunks[-1])
+            if record.startswith(AUDIT):
+                audit.append(record[len(AUDIT):])
+            else:
+                chunks.append(expand(record))
+                size += len(chunks[-1])
             last = seq
-            if len(chunks) >= self.MAX_ROWS or size >= self.MAX_BYTES:
+            if len(chunks) + len(audit) >= self.MAX_ROWS or size >= self.MAX_BYTES:
                 full = True
                 break
-        if not chunks:
+        if last == self._last_seq:
             return False
-        data = b"\n".join(chunks) + b"\n"
-        with open(self._path(), "ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        for path, lines in ((self._path(), chunks), (self._log_dir / "audit.jsonl", audit)):
+            if lines:
+                with open(path, "ab") as fh:
+                    fh.write(b"\n".join(lines) + b"\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
         self._last_seq = last
         # Drained rows are deleted at most once a second: fewer write
         # transactions to compete with reception (in other processes too).

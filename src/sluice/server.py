@@ -102,7 +102,7 @@ class Server:
         router = Router(settings.routes,
                         mx or MxResolver(nameservers=settings.delivery.nameservers))
         stats: Counter[str] = Counter()
-        bounces = Bounces(spool, nodeid, stats)
+        bounces = Bounces(spool, nodeid, stats, settings.admin)
         suspensions = Suspensions(spool)
         manager = QueueManager(settings, spool, bounces, suspensions, router, stats, nodeid)
         self.workers: WorkerPool | None = None
@@ -111,7 +111,9 @@ class Server:
             self.delivery = manager.delivery = DeliveryProcess(settings, manager)
         bounces.delivery = manager.delivery
         bounces.changed = suspensions.changed = self._rules_changed
-        suspensions.on_release = manager.wake
+        bounces.holds_changed = suspensions.update_holds
+        bounces.wake = suspensions.on_release = manager.wake
+        suspensions.also_held.append(bounces.holds_queue)  # a bounce rule in its grace
         intake = Intake(settings, spool, bounces, suspensions, nodeid, stats,
                         on_received=lambda queued: manager.wake())
         self.services = Services(settings, spool, bounces, suspensions, manager, intake, stats)
@@ -138,6 +140,7 @@ class Server:
         rows = await s.spool.load_rules()
         await s.bounces.load(rows)
         await s.suspensions.load(rows)
+        await s.bounces.start_retention()
         await s.manager.delivery.rules_changed(s.bounces.active(), s.suspensions.active())
         if self.delivery is not None:
             await self.delivery.start()

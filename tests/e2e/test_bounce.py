@@ -245,9 +245,10 @@ def test_bounce_list_table(make_serve):
              "--duration", "2h", check=True)
     out = srv.kcli("bounce-list")
     header, row = out.stdout.strip().splitlines()
-    assert header.split() == ["ID", "REASON", "REMAIN", "BOUNCED", "CRITERIA"]
+    assert header.split() == ["ID", "STATE", "BOUNCE", "IN", "REASON", "REMAIN", "BOUNCED",
+                              "CRITERIA"]
     assert "oops" in row and "campaign=Spring Sale tenant=acme" in row
-    assert "1h 59m" in row
+    assert "1h 59m" in row and " active " in row
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -65,7 +65,8 @@ def test_older_than_takes_the_old_and_leaves_the_new(make_serve):
     srv = make_serve(routes={"example.com": f"127.0.0.1:{free_port()}"},
                      queue='retry_interval = "1h"').start()
     srv.send(["old@example.com"])
-    old_created = srv.by_recipient("Reception")["old@example.com"]["created_time"]
+    old_created = wait_for(lambda: srv.by_recipient("Reception").get("old@example.com"))[
+        "created_time"]
     wait_for(lambda: time.time() - _epoch(old_created) > 3.0, timeout=10)  # it is older now
     srv.send(["new@example.com"])
     out = srv.kcli("bounce", "--domain", "example.com", "--older-than", "2s",

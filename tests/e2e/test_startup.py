@@ -33,7 +33,7 @@ def test_second_instance_on_the_same_smtp_port_fails_and_the_first_keeps_all_mai
             in r.stderr), r.stderr
     for i in range(20):
         first.send([f"u{i}@example.com"])
-    assert len(first.records("Reception")) == 20
+    wait_for(lambda: len(first.records("Reception")) == 20)
     assert not (other / "var" / "logs").exists()
 
 

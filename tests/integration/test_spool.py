@@ -146,8 +146,13 @@ async def test_rules_and_their_counts_are_stored(spool):
     assert row["bounced"] == {"a.com": 2}  # one caught at reception, one swept
     await spool.save_rule({**rule, "id": "r2"}, replaces=["r1"])
     assert [r["id"] for r in await spool.load_rules()] == ["r2"]
-    await spool.delete_rules(["r2"])
+    # the replaced rule ended, and is kept (for restores) until forgotten
+    ended = await spool.get_rule("r1")
+    assert ended["ended"] is not None and ended["bounced"] == {"a.com": 2}
+    await spool.end_rules(["r2"], time.time())
     assert await spool.load_rules() == []
+    assert await spool.forget_rules(time.time() + 1) == 2
+    assert await spool.get_rule("r1") is None
 
 
 async def test_per_message_filter_in_sweep_and_count(spool):

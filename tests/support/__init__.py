@@ -173,7 +173,7 @@ listen = ["127.0.0.1:{self.http_port}"]
         logs = self.data / "logs"
         if not logs.exists():
             return out
-        for path in sorted(logs.glob("*.jsonl")):
+        for path in sorted(logs.glob("[0-9]*.jsonl")):  # the day files, not audit.jsonl
             for line in path.read_text().splitlines():
                 if line:
                     parse_kumo_record(line)

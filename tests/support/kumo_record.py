@@ -26,7 +26,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 RecordType = Literal["Reception", "Delivery", "Bounce", "TransientFailure", "Expiration",
-                     "AdminBounce", "OOB", "Feedback", "Rejection", "AdminRebind", "Any"]
+                     "AdminBounce", "OOB", "Feedback", "Rejection", "AdminRebind", "Any",
+                     # Sluice's own record type (a restore undoing an AdminBounce), which
+                     # KumoMTA's enum lacks: the one deliberate difference, in the README
+                     "AdminRestore"]
 
 
 def _uuid(v: Any) -> str:

@@ -1,14 +1,19 @@
-"""``/api/admin/bounce/v1``: cancel queued mail (KumoMTA's admin bounce API)."""
+"""``/api/admin/bounce/v1``: cancel queued mail (KumoMTA's admin bounce API),
+and Sluice's undo: ``/apply`` (end a grace now) and ``/restore``."""
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ..durations import format_duration
 from ..rules.book import Rule
 from ..rules.criteria import Criteria
+from .auth import actor_of
 from .deps import services
 from .models import (
     ERROR_RESPONSES,
@@ -18,6 +23,7 @@ from .models import (
     DryRunResponse,
     ErrorResponse,
     FieldError,
+    RestoreResponse,
     RuleId,
     RuleRequest,
 )
@@ -37,6 +43,14 @@ def criteria_of(req: RuleRequest) -> Criteria:
         raise FieldError(field if problem else "body", problem or str(exc)) from None
 
 
+async def body_of(request: Request) -> Any:
+    """The request's JSON body as sent (for the audit)."""
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return None
+
+
 def list_entry(rule: Rule) -> dict:
     """What the lists of both rule kinds show of a rule."""
     c = rule.criteria
@@ -48,8 +62,9 @@ def list_entry(rule: Rule) -> dict:
 
 
 @router.post("", response_model=BounceResponse | DryRunResponse, response_model_exclude_none=True)
-async def create_bounce(req: BounceRequest, svc=Depends(services)) -> dict:
-    """Bounce matching queued mail now, and matching new mail until the rule expires."""
+async def create_bounce(req: BounceRequest, request: Request, svc=Depends(services)) -> dict:
+    """Bounce matching queued mail now (or, with a grace, hold it until the
+    grace ends), and matching new mail until the rule expires."""
     criteria = criteria_of(req)
     if req.dry_run:
         queues, samples = await svc.bounces.dry_run(criteria)
@@ -58,20 +73,52 @@ async def create_bounce(req: BounceRequest, svc=Depends(services)) -> dict:
             out["samples"] = [{"id": m.id, "sender": m.sender, "recipient": m.recipient,
                                "queue": m.queue} for m in samples]
         return out
-    rule = await svc.bounces.create(criteria, req.reason, req.expires_at(),
-                                    suppress_logging=req.suppress_logging)
+    rule = await svc.bounces.create(
+        criteria, req.reason, req.expires_at(), suppress_logging=req.suppress_logging,
+        grace=req.grace_seconds(svc.settings.admin.bounce_grace),
+        actor=actor_of(request), request=await body_of(request))
     return {"id": rule.id, "bounced": {}, "total_bounced": 0}
 
 
 @router.get("", response_model=list[BounceListEntry])
 async def list_bounces(svc=Depends(services)) -> list[dict]:
-    """The bounce rules in force, with what each has bounced so far."""
-    return [{**list_entry(rule), **svc.bounces.counts(rule)} for rule in svc.bounces.active()]
+    """The bounce rules in force, pending or active, with what each has bounced so far."""
+    out = []
+    now = time.time()
+    for rule in svc.bounces.active():
+        entry = {**list_entry(rule), **svc.bounces.counts(rule), "state": "active"}
+        if rule.pending(now):
+            entry.update(state="pending", held=await svc.bounces.held(rule),
+                         bounce_in=format_duration(math.ceil(rule.grace_until - now)))
+        out.append(entry)
+    return out
 
 
 @router.delete("", responses={404: {"model": ErrorResponse}})
-async def cancel_bounce(req: RuleId, svc=Depends(services)) -> dict:
-    """Stop a bounce rule. Mail it already bounced stays bounced."""
-    if await svc.bounces.cancel(str(req.id)) is None:
+async def cancel_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
+    """Stop a bounce rule. A pending rule releases what it held; mail an
+    active rule already bounced stays bounced (see restore)."""
+    if await svc.bounces.cancel(str(req.id), actor_of(request), await body_of(request)) is None:
         raise HTTPException(status_code=404, detail=f"no active bounce rule with id {req.id}")
     return {"id": str(req.id), "cancelled": True}
+
+
+@router.post("/apply", responses={404: {"model": ErrorResponse}})
+async def apply_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
+    """End a pending rule's grace now: it bounces what it held, and from now on."""
+    rule = await svc.bounces.apply(str(req.id), actor_of(request), await body_of(request))
+    if rule is None:
+        raise HTTPException(status_code=404, detail=f"no active bounce rule with id {req.id}")
+    return {"id": rule.id, "state": "active"}
+
+
+@router.post("/restore", response_model=RestoreResponse, responses={404: {"model": ErrorResponse}})
+async def restore_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
+    """Put back everything a bounce rule bounced that is still retained (the
+    rule ends first if it is in force)."""
+    result = await svc.bounces.restore(str(req.id), actor_of(request), await body_of(request))
+    if result is None:
+        raise HTTPException(status_code=404, detail=f"no bounce rule with id {req.id} within "
+                            "the retention window")
+    return {"restored": result.restored, "total_restored": result.total,
+            "unavailable": result.unavailable}

@@ -139,6 +139,19 @@ class RuleRequest(_Strict):
 class BounceRequest(RuleRequest):
     suppress_logging: StrictBool = Field(default=False, description="Write no AdminBounce records.")
     dry_run: StrictBool = Field(default=False, description="Only report what would be bounced.")
+    grace: StrictStr | None = Field(default=None, description=(
+        "Hold matching mail this long before bouncing it, e.g. '10m' (default: [admin] "
+        "bounce_grace, itself 0s: at once)."))
+
+    @field_validator("grace")
+    @classmethod
+    def _grace(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    def grace_seconds(self, default: float) -> float:
+        return parse_duration(self.grace) if self.grace is not None else default
 
 
 class BounceResponse(BaseModel):
@@ -176,8 +189,28 @@ class RuleListEntry(BaseModel):
 
 
 class BounceListEntry(RuleListEntry):
+    state: str = Field(description="'pending' in its grace (holding mail), else 'active'.")
+    bounce_in: str | None = Field(default=None, description="Time left in the grace.")
+    held: dict[str, int] | None = Field(default=None, description="What a pending rule holds.")
     bounced: dict[str, int]
     total_bounced: int
+
+
+class RestoreResponse(BaseModel):
+    restored: dict[str, int]
+    total_restored: int
+    unavailable: int = Field(description="Bounced by the rule but no longer retained.")
+
+
+class AuditEntry(BaseModel):
+    time: str
+    action: str
+    rule_id: str | None
+    actor: str
+    remote_addr: str | None
+    request: object | None
+    matched: dict[str, int] | None
+    result: object | None
 
 
 class RuleId(_Strict):

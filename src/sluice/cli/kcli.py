@@ -116,10 +116,15 @@ def selection_options(f):
 @selection_options
 @click.option("--suppress-logging", is_flag=True, help="Write no AdminBounce records.")
 @click.option("--dry-run", is_flag=True, help="Only show which queues match and their sizes.")
+@click.option("--grace", default=None,
+              help="Hold matching mail this long before bouncing it, e.g. 10m (cancel or "
+                   "bounce-apply in the meantime).")
 @click.pass_obj
-def bounce(client: Client, reason, duration, suppress_logging, dry_run, **sel) -> None:
-    """Bounce (cancel) matching queued mail."""
+def bounce(client: Client, reason, duration, suppress_logging, dry_run, grace, **sel) -> None:
+    """Bounce (cancel) matching queued mail; kcli bounce-restore undoes it."""
     body: dict[str, Any] = {"reason": reason, **_selection(sel)}
+    if grace is not None:
+        body["grace"] = grace
     if duration is not None:
         body["duration"] = duration
     if suppress_logging:
@@ -142,8 +147,12 @@ def bounce(client: Client, reason, duration, suppress_logging, dry_run, **sel) -
         return
     data = client.call("POST", "/api/admin/bounce/v1", body)
     click.echo(data["id"])
-    click.echo("bounce rule created; matching queued mail is being bounced in the background "
-               "(see kcli bounce-list for counts)", err=True)
+    if grace is not None:
+        click.echo(f"bounce rule created; matching mail is held for {grace}, then bounced "
+                   "(kcli bounce-cancel releases it, kcli bounce-apply bounces it now)", err=True)
+    else:
+        click.echo("bounce rule created; matching queued mail is being bounced in the "
+                   "background (see kcli bounce-list for counts)", err=True)
 
 
 def _criteria_text(entry: dict) -> str:
@@ -161,10 +170,10 @@ def bounce_list(client: Client, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    table = Table("ID", "REASON", "REMAIN", "BOUNCED", "CRITERIA", box=None)
+    table = Table("ID", "STATE", "BOUNCE IN", "REASON", "REMAIN", "BOUNCED", "CRITERIA", box=None)
     for e in data:
-        table.add_row(e["id"], e["reason"], e["duration"], str(e["total_bounced"]),
-                      _criteria_text(e))
+        table.add_row(e["id"], e["state"], e.get("bounce_in") or "-", e["reason"], e["duration"],
+                      str(e["total_bounced"]), _criteria_text(e))
     _console().print(table)
 
 
@@ -172,9 +181,61 @@ def bounce_list(client: Client, as_json: bool) -> None:
 @click.option("--id", "rule_id", required=True, help="Rule id from bounce or bounce-list.")
 @click.pass_obj
 def bounce_cancel(client: Client, rule_id: str) -> None:
-    """Stop a bounce rule (mail already bounced stays bounced)."""
+    """Stop a bounce rule (a pending rule releases what it held; mail already
+    bounced stays bounced: see bounce-restore)."""
     client.call("DELETE", "/api/admin/bounce/v1", {"id": rule_id})
     click.echo(f"bounce rule {rule_id} cancelled")
+
+
+@cli.command("bounce-apply")
+@click.option("--id", "rule_id", required=True, help="Rule id from bounce or bounce-list.")
+@click.pass_obj
+def bounce_apply(client: Client, rule_id: str) -> None:
+    """End a pending bounce rule's grace now: it bounces what it held."""
+    client.call("POST", "/api/admin/bounce/v1/apply", {"id": rule_id})
+    click.echo(f"bounce rule {rule_id} applied")
+
+
+@cli.command("bounce-restore")
+@click.option("--id", "rule_id", required=True, help="Rule id (in force, cancelled or expired).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@click.pass_obj
+def bounce_restore(client: Client, rule_id: str, as_json: bool) -> None:
+    """Put back every message a bounce rule bounced that is still retained."""
+    data = client.call("POST", "/api/admin/bounce/v1/restore", {"id": rule_id})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("QUEUE", "RESTORED", box=None)
+    for q, n in sorted(data["restored"].items(), key=lambda x: (-x[1], x[0])):
+        table.add_row(q, str(n))
+    table.add_row("TOTAL", str(data["total_restored"]))
+    console = _console()
+    console.print(table)
+    if data["unavailable"]:
+        console.print(f"{data['unavailable']} bounced by this rule were no longer retained "
+                      "and could not be restored")
+
+
+@cli.command()
+@click.option("--since", default=None, help="RFC 3339 time: only entries from then on.")
+@click.option("--limit", type=click.IntRange(min=1, max=10000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON array.")
+@click.pass_obj
+def audit(client: Client, since: str | None, limit: int, as_json: bool) -> None:
+    """Who did what: every admin write, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if since is not None:
+        params["since"] = since
+    data = client.call("GET", "/api/admin/audit/v1", params=params)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("TIME", "ACTION", "ACTOR", "RULE", "RESULT", box=None)
+    for e in data:
+        result = json.dumps(e["result"], separators=(",", ":")) if e["result"] is not None else ""
+        table.add_row(e["time"], e["action"], e["actor"], e["rule_id"] or "-", result)
+    _console().print(table)
 
 
 @cli.command()

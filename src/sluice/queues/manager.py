@@ -166,10 +166,10 @@ class QueueManager(Outcomes):
         """A rule stopped ``msg`` before it was sent: bounce it, or hold it again."""
         parts = self.spool.index.parts(msg.queue)
         rule = self.bounces.check(msg.queue, parts, msg)
-        if rule is not None:
+        if rule is not None and not rule.pending():
             await self.bounces.bounce_claimed(msg, rule)
-        else:
-            held = self.suspensions.check(msg.queue, parts, msg) is not None
+        else:  # a suspension, or a bounce rule in its grace
+            held = rule is not None or self.suspensions.check(msg.queue, parts, msg) is not None
             await self.spool.release([msg], held=held)
 
     # -- outcomes ----------------------------------------------------------
@@ -199,12 +199,12 @@ class QueueManager(Outcomes):
         self.stats[TRANSIENT_FAILURE] += 1
         parts = self.spool.index.parts(msg.queue)
         rule = self.bounces.check(msg.queue, parts, msg)
-        if rule is not None:
+        if rule is not None and not rule.pending():
             await self.bounces.bounce_claimed(msg, rule, before=records)
             return
         qs = self.settings.queue_settings_for(parts.domain)
         due = next_due(time.time(), msg.created, max(1, msg.attempts), qs)
-        await self.spool.retry(msg, due, records)
+        await self.spool.retry(msg, due, records, held=rule is not None)  # held in a grace
 
     async def requeue(self, msgs: list[Stored]) -> None:
         """Put back messages whose attempt was lost with the delivery process."""

@@ -113,7 +113,9 @@ class Intake:
                 response=ack, peer=peer, reception_protocol=protocol, session_id=session_id,
                 now=now))
             rule = self.bounces.check(name, queue, item)
-            if rule is not None:
+            if rule is not None and rule.pending():
+                item.held = True  # in its grace: held, not bounced
+            elif rule is not None:
                 item.terminal = True
                 item.rule_id = rule.id
                 rec = self.bounces.record_at_reception(item, rule, size=size, meta=meta.as_dict(),

@@ -31,6 +31,7 @@ class Rule:
     created: float
     expires: float
     suppress_logging: bool = False
+    grace_until: float = 0.0  # a bounce rule holds matching mail until then
     bounced: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
@@ -40,6 +41,10 @@ class Rule:
     def active(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) < self.expires
 
+    def pending(self, now: float | None = None) -> bool:
+        """In its grace: matching mail is held, not bounced."""
+        return (time.time() if now is None else now) < self.grace_until
+
     def remaining(self, now: float | None = None) -> float:
         """Seconds until the rule ends (0 once it has)."""
         return max(0.0, self.expires - (time.time() if now is None else now))
@@ -47,7 +52,7 @@ class Rule:
     def to_row(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "criteria": self.criteria.as_dict(),
                 "reason": self.reason, "created": self.created, "expires": self.expires,
-                "suppress_logging": self.suppress_logging}
+                "suppress_logging": self.suppress_logging, "grace_until": self.grace_until}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Rule:
@@ -55,13 +60,16 @@ class Rule:
         bounced.update(row.get("bounced") or {})
         return cls(id=row["id"], kind=row["kind"], criteria=Criteria.from_dict(row["criteria"]),
                    reason=row["reason"], created=row["created"], expires=row["expires"],
-                   suppress_logging=row["suppress_logging"], bounced=bounced)
+                   suppress_logging=row["suppress_logging"],
+                   grace_until=row.get("grace_until", 0.0), bounced=bounced)
 
 
 def new_rule(kind: str, criteria: Criteria, reason: str, expires: float,
-             suppress_logging: bool = False) -> Rule:
+             suppress_logging: bool = False, grace: float = 0.0) -> Rule:
+    now = time.time()
     return Rule(id=str(uuid.uuid4()), kind=kind, criteria=criteria, reason=reason,
-                created=time.time(), expires=expires, suppress_logging=suppress_logging)
+                created=now, expires=expires, suppress_logging=suppress_logging,
+                grace_until=now + grace if grace > 0 else 0.0)
 
 
 class RuleBook:

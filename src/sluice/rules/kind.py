@@ -2,8 +2,9 @@
 
 A rule is stored in the spool before it is put in force; a new rule with
 exactly the same criteria replaces the old one (new id and reason); a rule
-ends when cancelled or when it expires (pruned); rules are loaded from the
-spool before any listener opens. Every change is put in force everywhere
+ends when cancelled, replaced or expired (pruned), and stays stored, ended,
+for restores; rules are loaded from the spool before any listener opens.
+Every change an operator makes is audited in the same commit. Every change is put in force everywhere
 mail is checked (``changed``: the delivery process among them) before the
 call that made it returns, so the API answers only once it holds.
 
@@ -13,9 +14,12 @@ kind does when a rule comes into force or ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from .. import audit
+from ..audit import SERVER, Actor
 from ..message import QueueName
 from ..spool import Spool
 from .book import Rule, RuleBook, new_rule
@@ -47,12 +51,12 @@ class RuleKind:
         """Put the stored rules of this kind in force (at start, before any listener)."""
         expired = self.book.load(rows)
         if expired:
-            await self.spool.delete_rules(expired)
+            await self.spool.end_rules(expired, time.time())
         for rule in self.book.active():
             await self._in_force(rule, at_start=True)
 
     async def stop(self) -> None:
-        """Stop background work (a bounce's sweeps)."""
+        """Stop background work (a bounce's sweeps and grace timers)."""
 
     # -- operator actions --------------------------------------------------
 
@@ -62,12 +66,27 @@ class RuleKind:
     def get(self, rule_id: str) -> Rule | None:
         return self.book.get(rule_id)
 
+    async def matched(self, criteria: Criteria) -> dict[str, int]:
+        """What ``criteria`` select now, per queue (for the audit; per-message
+        criteria are counted message by message)."""
+        queues = self.spool.index.matching(criteria)
+        where = criteria.message_filter()
+        if where is None:
+            return queues
+        counts, _ = await self.spool.count_matching(queues, where, samples=0)
+        return counts
+
     async def create(self, criteria: Criteria, reason: str, expires: float,
-                     suppress_logging: bool = False) -> Rule:
-        """Store the rule and put it in force; one with the same criteria is replaced."""
-        rule = new_rule(self.kind, criteria, reason, expires, suppress_logging)
+                     suppress_logging: bool = False, grace: float = 0.0,
+                     actor: Actor = SERVER, request: Any = None) -> Rule:
+        """Store the rule and put it in force; one with the same criteria is
+        replaced (it ends). Audited in the same commit."""
+        rule = new_rule(self.kind, criteria, reason, expires, suppress_logging, grace)
         old = self.book.same_criteria(criteria)
-        await self.spool.save_rule(rule.to_row(), replaces=[r.id for r in old])
+        matched = await self.matched(criteria)
+        await self.spool.save_rule(rule.to_row(), replaces=[r.id for r in old], audit=audit.entry(
+            f"{self.kind}-create", actor, rule_id=rule.id, request=request, matched=matched,
+            result={"id": rule.id, "replaced": [r.id for r in old]}))
         for r in old:
             self.book.remove(r.id)
             await self._ended(r)
@@ -76,22 +95,25 @@ class RuleKind:
         await self._in_force(rule, at_start=False)
         return rule
 
-    async def cancel(self, rule_id: str) -> Rule | None:
+    async def cancel(self, rule_id: str, actor: Actor = SERVER, request: Any = None,
+                     action: str = "cancel") -> Rule | None:
         """End an active rule; None if there is none with that id."""
         rule = self.book.get(rule_id)
         if rule is None:
             return None
-        await self.spool.delete_rules([rule_id])
+        await self.spool.end_rules([rule_id], time.time(), audit=audit.entry(
+            f"{self.kind}-{action}", actor, rule_id=rule_id, request=request,
+            result={"cancelled": True}))
         self.book.remove(rule_id)
         await self._ended(rule)
         await self._changed()
         return rule
 
     async def prune(self) -> list[Rule]:
-        """Remove the rules that have expired."""
+        """End the rules that have expired (they stay stored for restores)."""
         expired = self.book.expired()
         if expired:
-            await self.spool.delete_rules([r.id for r in expired])
+            await self.spool.end_rules([r.id for r in expired], time.time())
             for r in expired:
                 self.book.remove(r.id)
                 await self._ended(r)

@@ -14,7 +14,10 @@ it is in force (before the API answers):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from ..audit import SERVER, Actor
+from ..message import QueueName
 from ..spool import Spool
 from .book import SUSPEND, Rule
 from .kind import RuleKind
@@ -26,13 +29,18 @@ class Suspensions(RuleKind):
     def __init__(self, spool: Spool) -> None:
         super().__init__(spool)
         self.on_release: Callable[[], None] | None = None  # set by the wiring: wake promotion
+        # Others that hold whole queues too: a bounce rule in its grace.
+        self.also_held: list[Callable[[str, QueueName], bool]] = []
 
     def suspended_queues(self) -> set[str]:
-        """The queues holding messages that a suspension selects now."""
-        if not self.book:
-            return set()
+        """The queues holding messages that are to be held whole now."""
         index = self.spool.index
-        return {q for q in index.names() if self.check(q, index.parts(q)) is not None}
+        out = set()
+        for q in index.names():
+            parts = index.parts(q)
+            if self.check(q, parts) is not None or any(h(q, parts) for h in self.also_held):
+                out.add(q)
+        return out
 
     async def update_holds(self) -> None:
         """Hold the queues suspended now; release those no longer suspended."""
@@ -50,8 +58,9 @@ class Suspensions(RuleKind):
 
     # Held mail goes back only once the change is in force everywhere.
 
-    async def cancel(self, rule_id: str) -> Rule | None:
-        rule = await super().cancel(rule_id)
+    async def cancel(self, rule_id: str, actor: Actor = SERVER, request: Any = None,
+                     action: str = "cancel") -> Rule | None:
+        rule = await super().cancel(rule_id, actor, request, action)
         if rule is not None:
             await self.update_holds()
         return rule

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from ..logs import LogWriter
+from ..logs import AUDIT, LogWriter
 from ..message import QueueName, glob_match
 from .base import Inbound, MessageFilter, PackFn, Stored
 from .index import QueueIndex
@@ -33,6 +33,7 @@ from .index import QueueIndex
 SCHEDULED = 0   # waiting in its scheduled queue until due
 CLAIMED = 1     # promoted: in a ready queue or being delivered
 HELD = 2        # its queue is suspended; not considered for promotion
+RETAINED = 3    # admin-bounced, kept for a restore (``rule_id``, ``bounced_at``)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -58,7 +59,9 @@ CREATE TABLE IF NOT EXISTS messages (
     due REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     state INTEGER NOT NULL DEFAULT 0,
-    protocol TEXT
+    protocol TEXT,
+    rule_id TEXT,
+    bounced_at REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_queue_state ON messages(queue, state);
 CREATE INDEX IF NOT EXISTS messages_scheduled_due ON messages(due) WHERE state = 0;
@@ -79,7 +82,9 @@ CREATE TABLE IF NOT EXISTS rules (
     reason TEXT NOT NULL,
     created REAL NOT NULL,
     expires REAL NOT NULL,
-    suppress_logging INTEGER NOT NULL DEFAULT 0
+    suppress_logging INTEGER NOT NULL DEFAULT 0,
+    grace_until REAL NOT NULL DEFAULT 0,
+    ended REAL
 );
 CREATE TABLE IF NOT EXISTS rule_counts (
     rule_id TEXT NOT NULL,
@@ -87,6 +92,28 @@ CREATE TABLE IF NOT EXISTS rule_counts (
     n INTEGER NOT NULL,
     PRIMARY KEY (rule_id, queue)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    entry BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rule_restores (
+    rule_id TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (rule_id, queue)
+) WITHOUT ROWID;
+"""
+
+# Columns added after the first release, for spools made before them.
+_ADDED_COLUMNS = {
+    "messages": [("protocol", "TEXT"), ("rule_id", "TEXT"), ("bounced_at", "REAL")],
+    "rules": [("grace_until", "REAL NOT NULL DEFAULT 0"), ("ended", "REAL")],
+}
+
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS messages_retained_rule ON messages(rule_id) WHERE state = 3;
+CREATE INDEX IF NOT EXISTS messages_retained_age ON messages(bounced_at) WHERE state = 3;
 """
 
 _COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
@@ -118,6 +145,7 @@ class Swept:
 
     removed: dict[str, int]
     exhausted: list[str]
+    bytes: int = 0  # message sizes removed
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -286,6 +314,8 @@ class SqliteSpool:
         self.log_dir = Path(data_dir) / "logs"
         self.index = QueueIndex()
         self.in_hand: set[str] = set()
+        self.retain = False  # keep what admin bounces remove (RETAINED), for restores
+        self.retained_bytes = 0
         self._writer: _Writer | None = None
         self._reader = SpoolReader(self.path)
         self._logs: LogWriter | None = None
@@ -312,18 +342,24 @@ class SqliteSpool:
         try:
             conn.executescript(_SCHEMA)
             conn.execute("DROP INDEX IF EXISTS messages_queue_due")  # before messages_queue_state
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
-            if "protocol" not in columns:  # a spool made before the column existed
-                conn.execute("ALTER TABLE messages ADD COLUMN protocol TEXT")
+            for table, added in _ADDED_COLUMNS.items():
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, decl in added:
+                    if name not in columns:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            conn.executescript(_INDEXES)
             # Messages claimed by a previous run were never finished: at least
             # once delivery means they go back to their scheduled queue. Held
             # ones too: holds are recomputed from the rules once they are loaded.
-            conn.execute("UPDATE messages SET state = 0 WHERE state != 0")
+            conn.execute("UPDATE messages SET state = 0 WHERE state IN (1, 2)")
             for name, domain, campaign, tenant, routing in conn.execute(
                     "SELECT name, domain, campaign, tenant, routing_domain FROM queues"):
                 self.index.learn(QueueName(domain, campaign, tenant, routing))
-            for name, n in conn.execute("SELECT queue, count(*) FROM messages GROUP BY queue"):
+            for name, n in conn.execute(
+                    "SELECT queue, count(*) FROM messages WHERE state != 3 GROUP BY queue"):
                 self.index.add(name, n)
+            (self.retained_bytes,) = conn.execute(
+                "SELECT coalesce(sum(size), 0) FROM messages WHERE state = 3").fetchone()
         finally:
             conn.close()
 
@@ -363,6 +399,25 @@ class SqliteSpool:
             assert self._writer is not None
             self._writer.outbox_dirty = True
 
+    def _add_audit(self, conn: sqlite3.Connection, entry: bytes | None) -> None:
+        """An audit entry (one JSON object), kept in the spool and, through the
+        outbox, appended to logs/audit.jsonl: in the transaction of its change."""
+        if entry is not None:
+            conn.execute("INSERT INTO audit(time, entry) VALUES (?, ?)", (time.time(), entry))
+            conn.execute("INSERT INTO outbox(record) VALUES (?)", (AUDIT + entry,))
+            assert self._writer is not None
+            self._writer.outbox_dirty = True
+
+    async def add_audit(self, entry: bytes) -> None:
+        """Commit an audit entry that goes with no other change."""
+        await self._submit(lambda c: self._add_audit(c, entry))
+
+    async def list_audit(self, since: float | None, limit: int) -> list[bytes]:
+        """Audit entries, newest first."""
+        return await self._read(lambda c: [e for (e,) in c.execute(
+            "SELECT entry FROM audit WHERE time >= ? ORDER BY seq DESC LIMIT ?",
+            (since or 0.0, limit))])
+
     def _count_rule(self, conn: sqlite3.Connection, rule_id: str, per_queue: dict[str, int]) -> None:
         conn.executemany(
             "INSERT INTO rule_counts(rule_id, queue, n) VALUES (?, ?, ?) "
@@ -376,24 +431,32 @@ class SqliteSpool:
     # -- reception ---------------------------------------------------------
 
     async def receive(self, body: bytes, items: list[Inbound]) -> None:
+        """Store the body once and every item: queued (or held), or, for one
+        a bounce rule caught, retained when ``retain`` is on (else not stored)."""
         queued = [i for i in items if not i.terminal]
+        retained = [i for i in items if i.terminal and i.rule_id] if self.retain else []
+        stored = queued + retained
         size = len(body)
-        new_queues = [i.queue for i in queued if not self.index.knows(str(i.queue))]
+        new_queues = [i.queue for i in stored if not self.index.knows(str(i.queue))]
+
+        def state(i: Inbound) -> int:
+            return RETAINED if i.terminal else HELD if i.held else SCHEDULED
 
         def op(conn: sqlite3.Connection) -> None:
             records = [r for i in items for r in i.records]
-            if queued:
+            if stored:
                 body_id = conn.execute("INSERT INTO bodies(data, refs) VALUES (?, ?)",
-                                       (body, len(queued))).lastrowid
+                                       (body, len(stored))).lastrowid
                 if new_queues:
                     conn.executemany("INSERT OR IGNORE INTO queues VALUES (?, ?, ?, ?, ?)",
                                      [(str(q), q.domain, q.campaign, q.tenant, q.routing_domain)
                                       for q in new_queues])
                 conn.executemany(
                     "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due,"
-                    " state, protocol) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " state, protocol, rule_id, bounced_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(i.id, str(i.queue), i.sender, i.recipient, body_id, size, i.created, i.created,
-                      HELD if i.held else SCHEDULED, i.protocol) for i in queued])
+                      state(i), i.protocol, i.rule_id if i.terminal else None,
+                      i.created if i.terminal else None) for i in stored])
             self._add_records(conn, records)
             by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             for i in items:
@@ -403,9 +466,11 @@ class SqliteSpool:
                 self._count_rule(conn, rule_id, per_queue)
 
         await self._submit(op)
-        for i in queued:
+        self.retained_bytes += size * len(retained)
+        for i in stored:
             name = self.index.learn(i.queue)
-            self.index.add(name)
+            if not i.terminal:
+                self.index.add(name)
             if i.held:
                 self.index.hold([name])
 
@@ -447,8 +512,19 @@ class SqliteSpool:
         self.in_hand.difference_update(ids)
 
     async def finish(self, msg: Stored, records: list[bytes], rule_id: str | None = None) -> bool:
+        """Take a claimed message out of its queue for good, with its terminal
+        record; one that bounce rule ``rule_id`` bounced is retained (if
+        ``retain``), else removed."""
+        retain = self.retain and rule_id is not None
+
         def op(conn: sqlite3.Connection) -> bool:
-            gone = conn.execute("DELETE FROM messages WHERE id = ? AND state = 1", (msg.id,)).rowcount
+            if retain:
+                gone = conn.execute("UPDATE messages SET state = 3, rule_id = ?, bounced_at = ?"
+                                    " WHERE id = ? AND state = 1",
+                                    (rule_id, time.time(), msg.id)).rowcount
+            else:
+                gone = conn.execute("DELETE FROM messages WHERE id = ? AND state = 1",
+                                    (msg.id,)).rowcount
             if gone:
                 self._add_records(conn, records)
                 if rule_id:
@@ -461,21 +537,28 @@ class SqliteSpool:
             self.in_hand.discard(msg.id)
         if done:
             self.index.remove(msg.queue)
+            if retain:
+                self.retained_bytes += msg.size
         return done
 
-    async def retry(self, msg: Stored, due: float, records: list[bytes]) -> bool:
+    async def retry(self, msg: Stored, due: float, records: list[bytes],
+                    held: bool = False) -> bool:
+        """Back into its scheduled queue (held: on hold), with its records."""
         def op(conn: sqlite3.Connection) -> bool:
             n = conn.execute(
-                "UPDATE messages SET state = 0, due = ?, attempts = ? WHERE id = ? AND state = 1",
-                (due, msg.attempts, msg.id)).rowcount
+                "UPDATE messages SET state = ?, due = ?, attempts = ? WHERE id = ? AND state = 1",
+                (HELD if held else SCHEDULED, due, msg.attempts, msg.id)).rowcount
             if n:
                 self._add_records(conn, records)
             return bool(n)
 
         try:
-            return await self._submit(op)
+            done = await self._submit(op)
         finally:
             self.in_hand.discard(msg.id)
+        if done and held:
+            self.index.hold([msg.queue])
+        return done
 
     async def release(self, msgs: Collection[Stored], held: bool = False) -> None:
         ids = [m.id for m in msgs]
@@ -521,6 +604,11 @@ class SqliteSpool:
         names = list(queues)
         in_hand = self.in_hand
         clause, params = _where(where)
+        if self.retain:  # kept for a restore
+            take, took = "UPDATE messages SET state = 3, rule_id = ?, bounced_at = ?", [
+                rule_id, time.time()]
+        else:
+            take, took = "DELETE FROM messages", []
 
         def op(conn: sqlite3.Connection) -> Swept:
             removed: dict[str, int] = defaultdict(int)
@@ -531,16 +619,16 @@ class SqliteSpool:
                 if want <= 0:
                     break
                 rows = conn.execute(
-                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                    f"{take} WHERE id IN (SELECT id FROM messages"
                     f" WHERE queue = ? AND state IN (0, 2){clause} LIMIT ?)"
-                    f" RETURNING {_COLS}", (name, *params, want)).fetchall()
+                    f" RETURNING {_COLS}", (*took, name, *params, want)).fetchall()
                 if len(rows) < want:
                     orphans = [i for (i,) in conn.execute(
                         f"SELECT id FROM messages WHERE queue = ? AND state = 1{clause}",
                         (name, *params)) if i not in in_hand][:want - len(rows)]
                     for i in orphans:
-                        rows += conn.execute(f"DELETE FROM messages WHERE id = ? RETURNING {_COLS}",
-                                             (i,)).fetchall()
+                        rows += conn.execute(f"{take} WHERE id = ? RETURNING {_COLS}",
+                                             (*took, i)).fetchall()
                     if len(rows) < want:
                         exhausted.append(name)
                 gone += map(_row, rows)
@@ -550,36 +638,99 @@ class SqliteSpool:
             if packed is not None:
                 self._add_records(conn, [packed])
             self._count_rule(conn, rule_id, removed)
-            return Swept(dict(removed), exhausted)
+            return Swept(dict(removed), exhausted, sum(m.size for m in gone))
 
         self._last_sweep = time.monotonic()
         swept = await self._submit(op)
         for name, n in swept.removed.items():
             self.index.remove(name, n)
+        if self.retain:
+            self.retained_bytes += swept.bytes
         return swept
 
-    async def count_matching(self, queues: Collection[str], where: MessageFilter,
-                             samples: int = 10) -> tuple[dict[str, int], list[Stored]]:
-        """How many queued messages of ``queues`` ``where`` selects, per queue,
-        and up to ``samples`` of them (a dry run; reads only)."""
+    async def count_matching(self, queues: Collection[str], where: MessageFilter | None,
+                             samples: int = 10, states: tuple[int, ...] = (0, 1, 2),
+                             ) -> tuple[dict[str, int], list[Stored]]:
+        """How many messages of ``queues`` in ``states`` (default: all queued)
+        ``where`` selects, per queue, and up to ``samples`` of them (reads only)."""
         names = list(queues)
         clause, params = _where(where)
+        in_states = f"state IN ({', '.join(str(int(x)) for x in states)})"
 
         def read(conn: sqlite3.Connection) -> tuple[dict[str, int], list[Stored]]:
             counts: dict[str, int] = {}
             found: list[Stored] = []
             for name in names:
                 (n,) = conn.execute(f"SELECT count(*) FROM messages WHERE queue = ?"
-                                    f" AND state IN (0, 1, 2){clause}", (name, *params)).fetchone()
+                                    f" AND {in_states}{clause}", (name, *params)).fetchone()
                 if n:
                     counts[name] = n
                     if len(found) < samples:
                         found += map(_row, conn.execute(
-                            f"SELECT {_COLS} FROM messages WHERE queue = ? AND state IN (0, 1, 2)"
+                            f"SELECT {_COLS} FROM messages WHERE queue = ? AND {in_states}"
                             f"{clause} LIMIT ?", (name, *params, samples - len(found))))
             return counts, found
 
         return await self._read(read)
+
+    async def restore(self, rule_id: str, limit: int, pack: PackFn) -> dict[str, int]:
+        """Put up to ``limit`` messages that bounce rule ``rule_id`` retained
+        back into their queues (created time, attempts and due time as they
+        were), each with the record ``pack`` makes, in one commit; per-queue
+        counts (empty: nothing left to restore)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
+            rows = conn.execute(
+                "UPDATE messages SET state = 0, rule_id = NULL, bounced_at = NULL"
+                " WHERE id IN (SELECT id FROM messages WHERE rule_id = ? AND state = 3 LIMIT ?)"
+                f" RETURNING {_COLS}", (rule_id, limit)).fetchall()
+            msgs = [_row(r) for r in rows]
+            per_queue: dict[str, int] = defaultdict(int)
+            for m in msgs:
+                per_queue[m.queue] += 1
+            packed = pack(msgs) if msgs else None
+            if packed is not None:
+                self._add_records(conn, [packed])
+            conn.executemany(
+                "INSERT INTO rule_restores(rule_id, queue, n) VALUES (?, ?, ?) "
+                "ON CONFLICT(rule_id, queue) DO UPDATE SET n = n + excluded.n",
+                [(rule_id, q, n) for q, n in per_queue.items()])
+            return dict(per_queue), sum(m.size for m in msgs)
+
+        restored, size = await self._submit(op)
+        self.retained_bytes -= size
+        for name, n in restored.items():
+            self.index.add(name, n)
+        return restored
+
+    async def drop_retained(self, before: float, max_bytes: int, limit: int = 2000) -> int:
+        """Drop up to ``limit`` retained messages: those bounced before
+        ``before``, then the oldest while more than ``max_bytes`` are kept."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows = conn.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                " WHERE state = 3 AND bounced_at < ? LIMIT ?) RETURNING size",
+                (before, limit)).fetchall()
+            dropped = sum(r[0] for r in rows)
+            over = self.retained_bytes - dropped - max_bytes
+            if over > 0 and len(rows) < limit:
+                oldest = []
+                for mid, size in conn.execute(
+                        "SELECT id, size FROM messages WHERE state = 3 ORDER BY bounced_at"
+                        " LIMIT ?", (limit - len(rows),)):
+                    if over <= 0:
+                        break
+                    oldest.append((mid,))
+                    over -= size
+                    dropped += size
+                conn.executemany("DELETE FROM messages WHERE id = ?", oldest)
+                return len(rows) + len(oldest), dropped
+            return len(rows), dropped
+
+        n, size = await self._submit(op)
+        self.retained_bytes -= size
+        return n
 
     async def collect_bodies(self, limit: int = 1000) -> int:
         """Release the bodies of up to ``limit`` removed messages; returns how many."""
@@ -640,42 +791,86 @@ class SqliteSpool:
 
     # -- rules -------------------------------------------------------------
 
-    async def save_rule(self, rule: dict[str, Any], replaces: Collection[str] = ()) -> None:
-        """Store ``rule``, removing the rules it replaces, in one commit."""
+    async def save_rule(self, rule: dict[str, Any], replaces: Collection[str] = (),
+                        audit: bytes | None = None) -> None:
+        """Store ``rule``; the rules it replaces end, in the same commit."""
         old = list(replaces)
 
         def op(conn: sqlite3.Connection) -> None:
-            for rid in old:
-                conn.execute("DELETE FROM rules WHERE id = ?", (rid,))
-                conn.execute("DELETE FROM rule_counts WHERE rule_id = ?", (rid,))
+            conn.executemany("UPDATE rules SET ended = ? WHERE id = ? AND ended IS NULL",
+                             [(rule["created"], rid) for rid in old])
             conn.execute(
-                "INSERT INTO rules(id, kind, criteria, reason, created, expires, suppress_logging)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rules(id, kind, criteria, reason, created, expires, suppress_logging,"
+                " grace_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (rule["id"], rule["kind"], orjson.dumps(rule["criteria"]).decode(), rule["reason"],
-                 rule["created"], rule["expires"], int(rule.get("suppress_logging", False))))
+                 rule["created"], rule["expires"], int(rule.get("suppress_logging", False)),
+                 rule.get("grace_until", 0.0)))
+            self._add_audit(conn, audit)
 
         await self._submit(op)
 
-    async def delete_rules(self, ids: Collection[str]) -> None:
+    async def end_rules(self, ids: Collection[str], when: float,
+                        audit: bytes | None = None) -> None:
+        """The rules end (cancelled, expired); kept for restores until forgotten."""
         ids = list(ids)
 
         def op(conn: sqlite3.Connection) -> None:
-            for rid in ids:
-                conn.execute("DELETE FROM rules WHERE id = ?", (rid,))
-                conn.execute("DELETE FROM rule_counts WHERE rule_id = ?", (rid,))
+            conn.executemany("UPDATE rules SET ended = ? WHERE id = ? AND ended IS NULL",
+                             [(when, rid) for rid in ids])
+            self._add_audit(conn, audit)
 
         await self._submit(op)
 
+    async def set_grace(self, rule_id: str, until: float, audit: bytes | None = None) -> None:
+        """Move a rule's end of grace (applying it: to now)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE rules SET grace_until = ? WHERE id = ?", (until, rule_id))
+            self._add_audit(conn, audit)
+
+        await self._submit(op)
+
+    async def forget_rules(self, ended_before: float) -> int:
+        """Remove rules that ended before ``ended_before``, with their counts."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [r for (r,) in conn.execute("SELECT id FROM rules WHERE ended < ?",
+                                             (ended_before,))]
+            for table, column in (("rule_counts", "rule_id"), ("rule_restores", "rule_id"),
+                                  ("rules", "id")):
+                conn.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(r,) for r in ids])
+            return len(ids)
+
+        return await self._submit(op)
+
+    @staticmethod
+    def _rule_rows(conn: sqlite3.Connection, where: str, params: tuple) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT id, kind, criteria, reason, created, expires, suppress_logging, grace_until,"
+            f" ended FROM rules WHERE {where}", params).fetchall()
+        out = []
+        for rid, kind, crit, reason, created, expires, sup, grace, ended in rows:
+            counts = dict(conn.execute("SELECT queue, n FROM rule_counts WHERE rule_id = ?",
+                                       (rid,)).fetchall())
+            restored = dict(conn.execute("SELECT queue, n FROM rule_restores WHERE rule_id = ?",
+                                         (rid,)).fetchall())
+            out.append({"id": rid, "kind": kind, "criteria": orjson.loads(crit), "reason": reason,
+                        "created": created, "expires": expires, "suppress_logging": bool(sup),
+                        "grace_until": grace, "ended": ended, "bounced": counts,
+                        "restored": restored})
+        return out
+
     async def load_rules(self) -> list[dict[str, Any]]:
-        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            counts: dict[str, dict[str, int]] = defaultdict(dict)
-            for rid, q, n in conn.execute("SELECT rule_id, queue, n FROM rule_counts"):
-                counts[rid][q] = n
-            return [
-                {"id": rid, "kind": kind, "criteria": orjson.loads(crit), "reason": reason,
-                 "created": created, "expires": expires, "suppress_logging": bool(sup),
-                 "bounced": counts.get(rid, {})}
-                for rid, kind, crit, reason, created, expires, sup in conn.execute(
-                    "SELECT id, kind, criteria, reason, created, expires, suppress_logging FROM rules")
-            ]
-        return await self._read(read)
+        """The rules that have not ended (those past their expiry included)."""
+        return await self._read(lambda c: self._rule_rows(c, "ended IS NULL", ()))
+
+    async def get_rule(self, rule_id: str) -> dict[str, Any] | None:
+        """A rule, in force or ended (``ended`` says when), with its counts."""
+        rows = await self._read(lambda c: self._rule_rows(c, "id = ?", (rule_id,)))
+        return rows[0] if rows else None
+
+    async def retained_count(self, rule_id: str) -> int:
+        """How many messages bounce rule ``rule_id`` bounced are retained now."""
+        return await self._read(lambda c: c.execute(
+            "SELECT count(*) FROM messages WHERE rule_id = ? AND state = 3",
+            (rule_id,)).fetchone()[0])
