@@ -89,7 +89,7 @@ async def list_bounces(svc=Depends(services)) -> list[dict]:
         entry = {**list_entry(rule), **svc.bounces.counts(rule), "state": "active"}
         if rule.pending(now):
             entry.update(state="pending", held=await svc.bounces.held(rule),
-                         bounce_in=format_duration(math.ceil(rule.grace_until - now)))
+                         bounce_in=format_duration(math.floor(rule.grace_until - now)))
         out.append(entry)
     return out
 
