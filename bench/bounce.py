@@ -3,17 +3,21 @@
 
 1. Fills a fresh spool on disk directly (SQLite, same schema the server
    uses) with N messages of 1 KB over 10 campaigns x 10 tenants x 10
-   domains = 1,000 queues, all waiting for a retry an hour away.
+   domains = 1,000 queues, all waiting for a retry an hour away; 1% of
+   them come from a compromised sender (``*@compromised.example``).
 2. Starts ``sluice serve`` on it and reads its RSS with everything queued.
 3. Measures the SMTP accept rate while idle (10 KB, 50 sessions, to a
    suspended domain so the figure is acceptance only).
-4. Bounces one campaign (N/10 messages), then everything, each while the
-   same SMTP load runs; prints the seconds from the POST to the last
-   AdminBounce record written to the log files, bounced/s, and the accept
-   rate during the sweep against the idle rate.
+4. Bounces the compromised sender's mail (per-message criteria: 1% of N,
+   spread over every queue), then one campaign (N/10 messages), restores
+   that campaign, then bounces everything, each while the same SMTP load
+   runs; prints the seconds from the POST to the last AdminBounce (or
+   AdminRestore) record written to the log files, and the accept rate
+   during the sweep against the idle rate.
 
-    .venv/bin/python bench/bounce.py            # 1,000,000 messages
-    .venv/bin/python bench/bounce.py -n 100000  # quicker
+    .venv/bin/python bench/bounce.py                     # 1,000,000 messages
+    .venv/bin/python bench/bounce.py -n 100000           # quicker
+    .venv/bin/python bench/bounce.py --retention 0s      # nothing kept for restores
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ CAMPAIGNS = [f"campaign{i}" for i in range(10)]
 TENANTS = [f"tenant{i}" for i in range(10)]
 DOMAINS = [f"dest{i}.example" for i in range(10)]
 ACCEPT_DOMAIN = "bench.example"  # the inject benchmark's domain
+COMPROMISED = "spammer@compromised.example"  # the sender of 1 message in 100
 
 
 def fill(db: Path, total: int) -> float:
@@ -71,7 +76,8 @@ def fill(db: Path, total: int) -> float:
                     f"X-Campaign: {c}\r\nX-Tenant: {t}\r\n\r\n").encode() + pad
             body = body[:1024]
             bodies.append((first + k, body, 1))
-            msgs.append((new_message_id(f"{c}:{t}@{d}"), f"{c}:{t}@{d}", "sender@bench.example",
+            sender = COMPROMISED if i % 100 == 99 else "sender@bench.example"
+            msgs.append((new_message_id(f"{c}:{t}@{d}"), f"{c}:{t}@{d}", sender,
                          f"user{i}@{d}", first + k, len(body), now, due, 1))
         conn.executemany("INSERT INTO bodies(id, data, refs) VALUES (?, ?, ?)", bodies)
         conn.executemany(
@@ -85,11 +91,10 @@ def fill(db: Path, total: int) -> float:
 
 
 class LogCounter:
-    """Counts AdminBounce records as they land in the JSONL files."""
+    """Counts records of one type (AdminBounce) as they land in the JSONL files."""
 
-    NEEDLE = b'"type":"AdminBounce"'
-
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, kind: str = "AdminBounce") -> None:
+        self.NEEDLE = b'"type":"%s"' % kind.encode()
         self.logs = logs
         self.offsets: dict[Path, int] = {}
         self.count = 0
@@ -131,8 +136,8 @@ async def accept_load(port: int, stop: asyncio.Event, size: int, concurrency: in
 
 async def bounce_and_measure(http: str, port: int, logs: LogCounter, body: dict, swept,
                              size: int, concurrency: int) -> dict:
-    """POST a bounce while SMTP load runs; done when ``swept(scheduled)`` holds
-    and every message the rule bounced has its record in the log files."""
+    """POST a bounce while SMTP load runs; done when ``swept(scheduled, rule)``
+    holds and every message the rule bounced has its record in the log files."""
     before = logs.poll()
     stop = asyncio.Event()
     load = asyncio.create_task(accept_load(port, stop, size, concurrency))
@@ -143,19 +148,39 @@ async def bounce_and_measure(http: str, port: int, logs: LogCounter, body: dict,
         t_answer = time.perf_counter() - t0
         r.raise_for_status()
         rule_id = r.json()["id"]
-        while not swept((await client.get(f"{http}/metrics.json")).json()["scheduled"]):
+
+        async def rule() -> dict:
+            rules = (await client.get(f"{http}/api/admin/bounce/v1")).json()
+            return next(e for e in rules if e["id"] == rule_id)
+
+        while not swept((await client.get(f"{http}/metrics.json")).json()["scheduled"],
+                        await rule()):
             await asyncio.sleep(0.1)
         t_swept = time.perf_counter() - t0
         stop.set()
         accepted, seconds, errors = await load
-        rules = (await client.get(f"{http}/api/admin/bounce/v1")).json()
-        total = next(e["total_bounced"] for e in rules if e["id"] == rule_id)
+        total = (await rule())["total_bounced"]
         while logs.poll() - before < total:
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - t0
     return {"bounced": logs.count - before, "seconds": elapsed, "swept_s": t_swept,
             "api_answer_s": t_answer, "accepted": accepted, "accept_seconds": seconds,
-            "accept_errors": errors}
+            "accept_errors": errors, "rule_id": rule_id}
+
+
+async def restore_and_measure(http: str, logs: LogCounter, rule_id: str) -> dict:
+    """POST a restore; done when every restored message has its AdminRestore record."""
+    before = logs.poll()
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        r = await client.post(f"{http}/api/admin/bounce/v1/restore", json={"id": rule_id})
+        t_answer = time.perf_counter() - t0
+        r.raise_for_status()
+        total = r.json()["total_restored"]
+        while logs.poll() - before < total:
+            await asyncio.sleep(0.05)
+    return {"restored": total, "seconds": time.perf_counter() - t0, "api_answer_s": t_answer,
+            "unavailable": r.json()["unavailable"]}
 
 
 async def idle_rate(port: int, seconds: float, size: int, concurrency: int) -> float:
@@ -174,6 +199,8 @@ def main() -> int:
     ap.add_argument("-c", "--concurrency", type=int, default=50)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
+    ap.add_argument("--retention", default="1h",
+                    help="[admin] bounce_retention (1h, the default; 0s: nothing kept)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sluice-bounce-", dir=args.workdir))
@@ -191,6 +218,8 @@ listen = ["127.0.0.1:{smtp}"]
 listen = ["127.0.0.1:{http_port}"]
 [queue]
 retry_interval = "1h"
+[admin]
+bounce_retention = "{args.retention}"
 [routes]
 {routes}
 """)
@@ -219,12 +248,19 @@ retry_interval = "1h"
 
         logs = LogCounter(data / "logs")
         idle = asyncio.run(idle_rate(smtp, args.idle_seconds, args.accept_size, args.concurrency))
+        compromised = args.messages // 100
+        sender = asyncio.run(bounce_and_measure(
+            http, smtp, logs, {"sender": "*@compromised.example", "reason": "bench: one sender"},
+            lambda sched, rule: rule["total_bounced"] >= compromised,
+            args.accept_size, args.concurrency))
         camp = asyncio.run(bounce_and_measure(
             http, smtp, logs, {"campaign": "campaign0", "reason": "bench: one campaign"},
-            lambda sched: not any(q.startswith("campaign0:") for q in sched),
+            lambda sched, rule: not any(q.startswith("campaign0:") for q in sched),
             args.accept_size, args.concurrency))
+        restore = asyncio.run(restore_and_measure(http, LogCounter(data / "logs", "AdminRestore"),
+                                                  camp["rule_id"]))
         rest = asyncio.run(bounce_and_measure(
-            http, smtp, logs, {"reason": "bench: everything"}, lambda sched: not sched,
+            http, smtp, logs, {"reason": "bench: everything"}, lambda sched, rule: not sched,
             args.accept_size, args.concurrency))
         rss_after = rss_mb(proc.pid)
         left = sum(httpx.get(f"{http}/metrics.json").json()["scheduled"].values())
@@ -239,13 +275,19 @@ retry_interval = "1h"
     print(f"scheduled at start       {scheduled}")
     print(f"server RSS, all queued   {rss_queued:.0f} MB   (after the sweeps: {rss_after:.0f} MB)")
     print(f"idle accept rate         {idle:.0f} msg/s  ({args.accept_size} B, {args.concurrency} sessions)")
-    for name, r in (("one campaign", camp), ("everything", rest)):
+    print(f"retention                {args.retention}")
+    for name, r in (("one sender (1%)", sender), ("one campaign", camp), ("everything", rest)):
         rate = r["accepted"] / r["accept_seconds"]
-        print(f"bounce {name:<13}     {r['bounced']} AdminBounce records in {r['seconds']:.1f} s "
+        print(f"bounce {name:<16}  {r['bounced']} AdminBounce records in {r['seconds']:.1f} s "
               f"({r['bounced'] / r['seconds']:.0f}/s; spool empty of them after {r['swept_s']:.1f} s;"
               f" API answered in {r['api_answer_s'] * 1000:.0f} ms)")
         print(f"  accept rate meanwhile  {rate:.0f} msg/s = {rate / idle:.2f} x idle "
               f"({r['accept_errors']} errors)")
+        if r is camp:
+            print(f"restore that campaign    {restore['restored']} AdminRestore records in "
+                  f"{restore['seconds']:.1f} s ({restore['restored'] / restore['seconds']:.0f}/s; "
+                  f"API answered in {restore['api_answer_s']:.1f} s; "
+                  f"{restore['unavailable']} unavailable)")
     print(f"left in the spool        {left}")
     shutil.rmtree(work, ignore_errors=True)
     return 0

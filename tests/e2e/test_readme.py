@@ -121,3 +121,26 @@ def test_quickstart_first_mail_to_the_local_sink(tmp_path):
             assert stop(proc) == 0
     finally:
         stop(sink)
+
+
+def test_undoing_a_mistake_runs_as_written(make_serve):
+    srv = make_serve(routes={"example.com": f"127.0.0.1:{free_port()}"},
+                     queue='retry_interval = "1h"').start()
+    srv.send(["a@example.com", "b@example.com", "c@example.com"], headers={"X-Tenant": "acme"})
+    srv.send(["d@example.com", "e@example.com"], headers={"X-Campaign": "Back to school"})
+    wait_for(lambda: sum(srv.scheduled().values()) == 5)
+    env = {"PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "KUMO_KCLI_ENDPOINT": srv.endpoint}
+    walk, grace = (block("Undoing a mistake", "console", i) for i in (0, 1))
+
+    out = sh("\n".join(commands(walk)), srv.dir, env)
+    assert out.returncode == 0, out.stderr
+    assert "TOTAL" in out.stdout and "bounce-restore" in out.stdout
+    assert srv.scheduled() == {"acme@example.com": 3, "Back to school:@example.com": 2}
+    assert len(srv.records("AdminBounce")) == 3 and len(srv.records("AdminRestore")) == 3
+
+    out = sh("\n".join(commands(grace)), srv.dir, env)
+    assert out.returncode == 0, out.stderr
+    assert "pending" in out.stdout
+    wait_for(lambda: len(srv.records("AdminBounce")) == 5)  # the applied one bounced them
+    audit = srv.api("GET", "/api/admin/audit/v1").json()
+    assert [e["action"] for e in audit[:3]] == ["bounce-apply", "bounce-create", "bounce-cancel"]
