@@ -167,9 +167,10 @@ def _fill_retained(db, rule_id: str, n: int) -> None:
     written into a stopped server's spool."""
     conn = sqlite3.connect(db)
     now = time.time()
-    conn.execute("INSERT INTO rules(id, kind, criteria, reason, created, expires,"
-                 " suppress_logging, grace_until, ended) VALUES (?, 'bounce', ?, 'bulk', ?, ?, 0,"
-                 " 0, ?)", (rule_id, json.dumps({"domain": "a.example"}), now - 60, now - 1, now))
+    key = conn.execute(
+        "INSERT INTO rules(id, kind, criteria, reason, created, expires, suppress_logging,"
+        " grace_until, ended) VALUES (?, 'bounce', ?, 'bulk', ?, ?, 0, 0, ?)",
+        (rule_id, json.dumps({"domain": "a.example"}), now - 60, now - 1, now)).lastrowid
     conn.execute("INSERT INTO rule_counts VALUES (?, 'a.example', ?)", (rule_id, n))
     body = conn.execute("INSERT INTO bodies(data, refs) VALUES (?, ?)",
                         (b"Subject: x\r\n\r\nx\r\n", n)).lastrowid
@@ -177,9 +178,9 @@ def _fill_retained(db, rule_id: str, n: int) -> None:
                  " NULL)")
     conn.executemany(
         "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due,"
-        " attempts, state, protocol, rule_id, bounced_at)"
+        " attempts, state, protocol, rule_key, bounced_at)"
         " VALUES (?, 'a.example', 's@x.org', ?, ?, 16, ?, ?, 1, 3, 'ESMTP', ?, ?)",
-        [(f"{i:032x}", f"r{i}@a.example", body, now - 120, now + 3600, rule_id, now - 30)
+        [(f"{i:032x}", f"r{i}@a.example", body, now - 120, now + 3600, key, now - 30)
          for i in range(n)])
     conn.commit()
     conn.close()
@@ -336,3 +337,15 @@ def test_bad_grace_is_refused_naming_the_field_and_nothing_is_done(make_serve):
     assert srv.api("GET", "/api/admin/audit/v1").json() == []
     assert srv.kcli("bounce", "--domain", "a.example", "--reason", "x", "--grace", "soon"
                     ).returncode == 1
+
+
+def test_restore_after_the_rule_was_cancelled(make_serve):
+    srv = dead_route(make_serve)
+    srv.send(["a@b.example", "b@b.example"])
+    wait_for(lambda: len(srv.records("TransientFailure")) == 2)
+    rule = srv.kcli("bounce", "--domain", "b.example", "--reason", "oops", check=True).stdout.strip()
+    wait_for(lambda: len(srv.records("AdminBounce")) == 2)
+    srv.kcli("bounce-cancel", "--id", rule, check=True)
+    out = srv.kcli("bounce-restore", "--id", rule, check=True).stdout
+    assert "TOTAL" in out and "2" in out.split("TOTAL")[1]
+    assert srv.scheduled() == {"b.example": 2}

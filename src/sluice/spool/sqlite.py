@@ -33,7 +33,7 @@ from .index import QueueIndex
 SCHEDULED = 0   # waiting in its scheduled queue until due
 CLAIMED = 1     # promoted: in a ready queue or being delivered
 HELD = 2        # its queue is suspended; not considered for promotion
-RETAINED = 3    # admin-bounced, kept for a restore (``rule_id``, ``bounced_at``)
+RETAINED = 3    # admin-bounced, kept for a restore (``rule_key``, ``bounced_at`` say by whom, when)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -60,8 +60,8 @@ CREATE TABLE IF NOT EXISTS messages (
     attempts INTEGER NOT NULL DEFAULT 0,
     state INTEGER NOT NULL DEFAULT 0,
     protocol TEXT,
-    rule_id TEXT,
-    bounced_at REAL
+    rule_key INTEGER,  -- RETAINED: the rowid of the bounce rule that took it
+    bounced_at REAL    -- RETAINED: when
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_queue_state ON messages(queue, state);
 CREATE INDEX IF NOT EXISTS messages_scheduled_due ON messages(due) WHERE state = 0;
@@ -107,14 +107,11 @@ CREATE TABLE IF NOT EXISTS rule_restores (
 
 # Columns added after the first release, for spools made before them.
 _ADDED_COLUMNS = {
-    "messages": [("protocol", "TEXT"), ("rule_id", "TEXT"), ("bounced_at", "REAL")],
+    "messages": [("protocol", "TEXT"), ("rule_key", "INTEGER"), ("bounced_at", "REAL")],
     "rules": [("grace_until", "REAL NOT NULL DEFAULT 0"), ("ended", "REAL")],
 }
 
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS messages_retained_rule ON messages(rule_id) WHERE state = 3;
-CREATE INDEX IF NOT EXISTS messages_retained_age ON messages(bounced_at) WHERE state = 3;
-"""
+
 
 _COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
 
@@ -316,6 +313,8 @@ class SqliteSpool:
         self.in_hand: set[str] = set()
         self.retain = False  # keep what admin bounces remove (RETAINED), for restores
         self.retained_bytes = 0
+        self._oldest_retained: float | None = None
+        self._rule_keys: dict[str, int | None] = {}
         self._writer: _Writer | None = None
         self._reader = SpoolReader(self.path)
         self._logs: LogWriter | None = None
@@ -347,7 +346,6 @@ class SqliteSpool:
                 for name, decl in added:
                     if name not in columns:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-            conn.executescript(_INDEXES)
             # Messages claimed by a previous run were never finished: at least
             # once delivery means they go back to their scheduled queue. Held
             # ones too: holds are recomputed from the rules once they are loaded.
@@ -358,8 +356,9 @@ class SqliteSpool:
             for name, n in conn.execute(
                     "SELECT queue, count(*) FROM messages WHERE state != 3 GROUP BY queue"):
                 self.index.add(name, n)
-            (self.retained_bytes,) = conn.execute(
-                "SELECT coalesce(sum(size), 0) FROM messages WHERE state = 3").fetchone()
+            self.retained_bytes, self._oldest_retained = conn.execute(
+                "SELECT coalesce(sum(size), 0), min(bounced_at) FROM messages WHERE state = 3"
+            ).fetchone()
         finally:
             conn.close()
 
@@ -398,6 +397,19 @@ class SqliteSpool:
             conn.execute("INSERT INTO outbox(record) VALUES (?)", (b"\n".join(records),))
             assert self._writer is not None
             self._writer.outbox_dirty = True
+
+    def _rule_key(self, conn: sqlite3.Connection, rule_id: str) -> int | None:
+        """The small number retained rows carry for rule ``rule_id`` (its rowid)."""
+        key = self._rule_keys.get(rule_id)
+        if key is None:
+            row = conn.execute("SELECT rowid FROM rules WHERE id = ?", (rule_id,)).fetchone()
+            key = self._rule_keys[rule_id] = row[0] if row else None
+        return key
+
+    def _retained(self, when: float, size: int) -> None:
+        self.retained_bytes += size
+        if self._oldest_retained is None or when < self._oldest_retained:
+            self._oldest_retained = when
 
     def _add_audit(self, conn: sqlite3.Connection, entry: bytes | None) -> None:
         """An audit entry (one JSON object), kept in the spool and, through the
@@ -453,9 +465,11 @@ class SqliteSpool:
                                       for q in new_queues])
                 conn.executemany(
                     "INSERT INTO messages(id, queue, sender, recipient, body_id, size, created, due,"
-                    " state, protocol, rule_id, bounced_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " state, protocol, rule_key, bounced_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(i.id, str(i.queue), i.sender, i.recipient, body_id, size, i.created, i.created,
-                      state(i), i.protocol, i.rule_id if i.terminal else None,
+                      state(i), i.protocol,
+                      self._rule_key(conn, i.rule_id) if i.terminal and i.rule_id else None,
                       i.created if i.terminal else None) for i in stored])
             self._add_records(conn, records)
             by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -466,7 +480,8 @@ class SqliteSpool:
                 self._count_rule(conn, rule_id, per_queue)
 
         await self._submit(op)
-        self.retained_bytes += size * len(retained)
+        for i in retained:
+            self._retained(i.created, size)
         for i in stored:
             name = self.index.learn(i.queue)
             if not i.terminal:
@@ -516,12 +531,13 @@ class SqliteSpool:
         record; one that bounce rule ``rule_id`` bounced is retained (if
         ``retain``), else removed."""
         retain = self.retain and rule_id is not None
+        now = time.time()
 
         def op(conn: sqlite3.Connection) -> bool:
             if retain:
-                gone = conn.execute("UPDATE messages SET state = 3, rule_id = ?, bounced_at = ?"
+                gone = conn.execute("UPDATE messages SET state = 3, rule_key = ?, bounced_at = ?"
                                     " WHERE id = ? AND state = 1",
-                                    (rule_id, time.time(), msg.id)).rowcount
+                                    (self._rule_key(conn, rule_id), now, msg.id)).rowcount
             else:
                 gone = conn.execute("DELETE FROM messages WHERE id = ? AND state = 1",
                                     (msg.id,)).rowcount
@@ -538,7 +554,7 @@ class SqliteSpool:
         if done:
             self.index.remove(msg.queue)
             if retain:
-                self.retained_bytes += msg.size
+                self._retained(now, msg.size)
         return done
 
     async def retry(self, msg: Stored, due: float, records: list[bytes],
@@ -604,11 +620,10 @@ class SqliteSpool:
         names = list(queues)
         in_hand = self.in_hand
         clause, params = _where(where)
-        if self.retain:  # kept for a restore
-            take, took = "UPDATE messages SET state = 3, rule_id = ?, bounced_at = ?", [
-                rule_id, time.time()]
-        else:
-            take, took = "DELETE FROM messages", []
+        retain = self.retain  # kept for a restore
+        take = ("UPDATE messages SET state = 3, rule_key = ?, bounced_at = ?" if retain
+                else "DELETE FROM messages")
+        now = time.time()
 
         def op(conn: sqlite3.Connection) -> Swept:
             removed: dict[str, int] = defaultdict(int)
@@ -618,6 +633,7 @@ class SqliteSpool:
                 want = limit - len(gone)
                 if want <= 0:
                     break
+                took = (self._rule_key(conn, rule_id), now) if retain else ()
                 rows = conn.execute(
                     f"{take} WHERE id IN (SELECT id FROM messages"
                     f" WHERE queue = ? AND state IN (0, 2){clause} LIMIT ?)"
@@ -644,8 +660,8 @@ class SqliteSpool:
         swept = await self._submit(op)
         for name, n in swept.removed.items():
             self.index.remove(name, n)
-        if self.retain:
-            self.retained_bytes += swept.bytes
+        if retain and swept.bytes:
+            self._retained(now, swept.bytes)
         return swept
 
     async def count_matching(self, queues: Collection[str], where: MessageFilter | None,
@@ -680,10 +696,17 @@ class SqliteSpool:
         counts (empty: nothing left to restore)."""
 
         def op(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
-            rows = conn.execute(
-                "UPDATE messages SET state = 0, rule_id = NULL, bounced_at = NULL"
-                " WHERE id IN (SELECT id FROM messages WHERE rule_id = ? AND state = 3 LIMIT ?)"
-                f" RETURNING {_COLS}", (rule_id, limit)).fetchall()
+            key = self._rule_key(conn, rule_id)
+            rows: list[tuple] = []
+            for (queue,) in conn.execute("SELECT queue FROM rule_counts WHERE rule_id = ?",
+                                         (rule_id,)).fetchall():
+                if len(rows) >= limit or key is None:
+                    break
+                rows += conn.execute(
+                    "UPDATE messages SET state = 0, rule_key = NULL, bounced_at = NULL"
+                    " WHERE id IN (SELECT id FROM messages WHERE queue = ? AND state = 3"
+                    f" AND rule_key = ? LIMIT ?) RETURNING {_COLS}",
+                    (queue, key, limit - len(rows))).fetchall()
             msgs = [_row(r) for r in rows]
             per_queue: dict[str, int] = defaultdict(int)
             for m in msgs:
@@ -703,34 +726,34 @@ class SqliteSpool:
             self.index.add(name, n)
         return restored
 
-    async def drop_retained(self, before: float, max_bytes: int, limit: int = 2000) -> int:
+    async def drop_retained(self, before: float, max_bytes: int, limit: int = 5000) -> int:
         """Drop up to ``limit`` retained messages: those bounced before
-        ``before``, then the oldest while more than ``max_bytes`` are kept."""
+        ``before``, then the oldest while more than ``max_bytes`` are kept.
+        Nothing is read unless something is due to go."""
+        oldest = self._oldest_retained
+        if (oldest is None or oldest >= before) and self.retained_bytes <= max_bytes:
+            return 0
+        # found on the reader's connection (a scan), dropped by the writer
+        rows = await self._read(lambda c: c.execute(
+            "SELECT bounced_at, id, size FROM messages WHERE state = 3 ORDER BY bounced_at"
+            " LIMIT ?", (limit + 1,)).fetchall())
+        gone, dropped, over = [], 0, self.retained_bytes - max_bytes
+        for at, mid, size in rows[:limit]:
+            if at >= before and over <= 0:
+                break
+            gone.append((mid,))
+            dropped += size
+            over -= size
+        next_oldest = rows[len(gone)][0] if len(gone) < len(rows) else None
 
-        def op(conn: sqlite3.Connection) -> tuple[int, int]:
-            rows = conn.execute(
-                "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-                " WHERE state = 3 AND bounced_at < ? LIMIT ?) RETURNING size",
-                (before, limit)).fetchall()
-            dropped = sum(r[0] for r in rows)
-            over = self.retained_bytes - dropped - max_bytes
-            if over > 0 and len(rows) < limit:
-                oldest = []
-                for mid, size in conn.execute(
-                        "SELECT id, size FROM messages WHERE state = 3 ORDER BY bounced_at"
-                        " LIMIT ?", (limit - len(rows),)):
-                    if over <= 0:
-                        break
-                    oldest.append((mid,))
-                    over -= size
-                    dropped += size
-                conn.executemany("DELETE FROM messages WHERE id = ?", oldest)
-                return len(rows) + len(oldest), dropped
-            return len(rows), dropped
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.executemany("DELETE FROM messages WHERE id = ? AND state = 3",
+                                    gone).rowcount
 
-        n, size = await self._submit(op)
-        self.retained_bytes -= size
-        return n
+        await self._submit(op)
+        self.retained_bytes -= dropped
+        self._oldest_retained = next_oldest
+        return len(gone)
 
     async def collect_bodies(self, limit: int = 1000) -> int:
         """Release the bodies of up to ``limit`` removed messages; returns how many."""
@@ -839,6 +862,8 @@ class SqliteSpool:
             for table, column in (("rule_counts", "rule_id"), ("rule_restores", "rule_id"),
                                   ("rules", "id")):
                 conn.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(r,) for r in ids])
+            for r in ids:
+                self._rule_keys.pop(r, None)
             return len(ids)
 
         return await self._submit(op)
@@ -871,6 +896,13 @@ class SqliteSpool:
 
     async def retained_count(self, rule_id: str) -> int:
         """How many messages bounce rule ``rule_id`` bounced are retained now."""
-        return await self._read(lambda c: c.execute(
-            "SELECT count(*) FROM messages WHERE rule_id = ? AND state = 3",
-            (rule_id,)).fetchone()[0])
+        def read(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT rowid FROM rules WHERE id = ?", (rule_id,)).fetchone()
+            if row is None:
+                return 0
+            return sum(conn.execute(
+                "SELECT count(*) FROM messages WHERE queue = ? AND state = 3 AND rule_key = ?",
+                (queue, row[0])).fetchone()[0] for (queue,) in conn.execute(
+                "SELECT queue FROM rule_counts WHERE rule_id = ?", (rule_id,)).fetchall())
+
+        return await self._read(read)
