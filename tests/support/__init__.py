@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import smtplib
 import socket
@@ -26,10 +27,31 @@ from .kumo_record import parse as parse_kumo_record
 BIN = Path(sys.executable).parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, outside the kernel's range for outgoing
+    connections (a port from that range can be taken by a client connection
+    between now and the moment a server binds it)."""
+    low, high = (20000, _EPHEMERAL[0]) if _EPHEMERAL[0] > 21000 else (_EPHEMERAL[1] + 1, 65000)
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:
@@ -144,8 +166,12 @@ listen = ["127.0.0.1:{self.http_port}"]
     def start(self) -> Serve:
         self.proc = subprocess.Popen([BIN / "sluice", "serve", "--config", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_port(self.http_port)
-        wait_smtp(self.smtp_port)
+        try:
+            wait_port(self.http_port)
+            wait_smtp(self.smtp_port)
+        except TimeoutError:
+            raise RuntimeError(f"sluice serve did not come up (exit status "
+                               f"{self.proc.poll()}):\n{self.log.read_text()[-3000:]}") from None
         return self
 
     def stop(self, timeout: float = 15.0) -> int:

@@ -296,3 +296,39 @@ def test_queue_names_match_exact_names_only(data, campaign, tenant, domain, rout
     assert crit.matches(name, parts) is include
     # queue_names ignore the parts entirely: a name not listed never matches
     assert crit.matches(name + ".other", parts) is ((name + ".other") in listed)
+
+
+def _sql_matches(pattern: str, value: str) -> bool:
+    import sqlite3
+
+    from sluice.message import glob_match
+    from sluice.spool.sqlite import _glob_sql
+
+    conn = sqlite3.connect(":memory:")
+    conn.create_function("sluice_glob", 2, glob_match, deterministic=True)
+    conn.execute("CREATE TABLE m (sender TEXT)")
+    conn.execute("INSERT INTO m VALUES (?)", (value,))
+    params: list = []
+    clause = _glob_sql("sender", pattern, params)
+    return conn.execute(f"SELECT count(*) FROM m WHERE 1{clause}", params).fetchone()[0] == 1
+
+
+@given(pattern=st.text(alphabet="ab%_*?[]!\\\\Ab.@\u00fc\u00c9\u212a", max_size=8),
+       value=st.text(alphabet="ab%_*?[]\\\\AB.@\u00fc\u00dc\u00e9\u212ak", max_size=8))
+def test_the_spool_selects_exactly_what_the_glob_matches(pattern, value):
+    """The SQL the spool uses (a LIKE pre-filter, then the matcher) agrees with
+    the matcher the rules use in memory, ASCII or not."""
+    from sluice.message import glob_match
+
+    assert _sql_matches(pattern, value) == glob_match(pattern, value)
+
+
+@pytest.mark.parametrize("pattern,value", [
+    ("[!]]", "a"), ("[!]]x", "ax"), ("[]]", "]"), ("[]a]", "a"), ("[!a]]", "b]"),
+    ("[", "["), ("a[]", "a[]"), ("100%@*", "100%@x"), ("a_b@*", "a_b@x"), ("a\\b*", "a\\bc"),
+])
+def test_character_classes_and_like_wildcards_select_what_the_glob_matches(pattern, value):
+    from sluice.message import glob_match
+
+    assert glob_match(pattern, value)
+    assert _sql_matches(pattern, value)
