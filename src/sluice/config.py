@@ -11,7 +11,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .durations import parse_duration, parse_positive_duration
@@ -131,6 +132,19 @@ def default_hostname() -> str:
     return "sluice.invalid"
 
 
+def check_readable(path: str) -> str:
+    """A file the server reads at start: an error now names it and the key."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return path
+
+
+ReadableFile = Annotated[str, AfterValidator(check_readable)]
+
+
 class SmtpSettings(_Section):
     listen: list[HostPort] = ["127.0.0.1:2025"]
     hostname: str = Field(default_factory=default_hostname)
@@ -140,6 +154,21 @@ class SmtpSettings(_Section):
     campaign_header: str = "X-Campaign"
     max_recipients: int = Field(default=1000, gt=0)
     idle_timeout: Seconds = 300.0
+    # STARTTLS: both PEM files, or neither (a self-signed certificate for
+    # hostname is made under <data_dir>/tls/ on first start).
+    tls_certificate: ReadableFile | None = None
+    tls_private_key: ReadableFile | None = None
+    require_tls: bool = False
+    # SMTP AUTH: lines "user:<argon2 or bcrypt hash>[:tenant]" (sluice passwd)
+    auth_file: ReadableFile | None = None
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> SmtpSettings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            missing = "tls_private_key" if self.tls_private_key is None else "tls_certificate"
+            raise ValueError(f"{missing} must be set too: set both tls_certificate and "
+                             "tls_private_key, or neither (a self-signed certificate)")
+        return self
 
     @field_validator("relay_hosts")
     @classmethod
@@ -169,20 +198,10 @@ class SmtpSettings(_Section):
         return []
 
 
-def check_readable(path: str) -> str:
-    """A file the server reads at start: an error now names it and the key."""
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
-    return path
-
-
 class HttpSettings(_Section):
     listen: list[HostPort] = ["127.0.0.1:8000"]
     trusted_hosts: list[str] = ["127.0.0.1", "::1"]
-    tokens_file: Annotated[str, AfterValidator(check_readable)] | None = None
+    tokens_file: ReadableFile | None = None
 
     @field_validator("trusted_hosts")
     @classmethod
@@ -206,12 +225,37 @@ class QueueOverride(_Section):
     max_age: Seconds | None = None
 
 
+TlsMode = Literal["opportunistic", "required", "required_insecure", "disabled"]
+
+
 class DeliverySettings(_Section):
     connections_per_site: int = Field(default=32, gt=0)
     messages_per_connection: int = Field(default=100, gt=0)
     connect_timeout: Seconds = 30.0
     command_timeout: Seconds = 60.0
     nameservers: list[HostPort] = []   # DNS servers for MX lookups; empty = the system's
+    # TLS to the next hop; per destination domain in [tls]
+    tls: TlsMode = "opportunistic"
+    tls_ca_file: ReadableFile | None = None   # CAs trusted besides the system's
+
+
+class DkimSettings(_Section):
+    """``[dkim."example.org"]``: the key that signs mail from that domain
+    (and its subdomains without a key of their own)."""
+
+    selector: str
+    key_file: ReadableFile
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    headers: list[str] | None = None   # None: the signer's default list
+
+    @field_validator("selector")
+    @classmethod
+    def _check_selector(cls, v: str) -> str:
+        labels = v.split(".")
+        if not v or not all(lab and lab.replace("-", "").replace("_", "").isalnum()
+                            and lab.isascii() for lab in labels):
+            raise ValueError(f"{v!r} is not a DNS label (letters, digits, '-', '_', dots)")
+        return v
 
 
 class AdminSettings(_Section):
@@ -236,6 +280,8 @@ class Settings(BaseModel):
     queue_overrides: dict[str, QueueOverride] = {}
     delivery: DeliverySettings = DeliverySettings()
     admin: AdminSettings = AdminSettings()
+    tls: dict[str, TlsMode] = {}
+    dkim: dict[str, DkimSettings] = {}
     routes: dict[str, HostPort] = {}
     routing_domains: dict[str, str] = {}
 
@@ -295,6 +341,8 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<config>") -> Setting
         raw = _split_queue_table(dict(raw))
         _normalize_domain_keys(raw, "routes", values_too=False)
         _normalize_domain_keys(raw, "routing_domains", values_too=True)
+        _normalize_domain_keys(raw, "tls", values_too=False)
+        _normalize_domain_keys(raw, "dkim", values_too=False)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:
@@ -305,7 +353,8 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<config>") -> Setting
             loc = list(err["loc"])
             if loc and loc[0] == "queue_overrides":
                 loc[0] = "queue"
-            key = ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+            key = ".".join(f'"{p}"' if "." in str(p) else str(p)
+                           for p in loc if not str(p).startswith("function-"))
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

@@ -189,3 +189,119 @@ class Postfix:
 
     def log(self) -> str:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+
+class BrokenTlsPeer(SlowPeer):
+    """A peer that offers STARTTLS, answers ``220`` to it and then meets the
+    client's TLS hello with bytes that are not TLS, and closes: the
+    handshake breaks. Plain-text
+    sessions get the mail through (``data_received``); ``starttls`` counts
+    the STARTTLS commands it got."""
+
+    def __init__(self) -> None:
+        super().__init__(greet_delay=0.0)
+        self.starttls = 0
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            writer.write(b"220 broken-tls.test ESMTP\r\n")
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-broken-tls.test\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+                elif verb == b"STAR":
+                    self.starttls += 1
+                    writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+                    await writer.drain()
+                    await reader.read(1)  # the client's hello has come: answer it with junk
+                    writer.write(b"this is not a TLS record\r\n" * 4)
+                    await writer.drain()
+                    return
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    self.data_received.append(await reader.readuntil(b"\r\n.\r\n"))
+                    writer.write(b"250 2.0.0 OK\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    await writer.drain()
+                    return
+                else:  # HELO, MAIL, RCPT, RSET, NOOP
+                    writer.write(b"250 2.0.0 OK\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+class CertificateAuthority:
+    """A throwaway CA (``cert`` is its PEM file) that issues server
+    certificates, for tests that need a certificate a client can verify."""
+
+    def __init__(self, directory: Path, name: str = "Sluice Test CA") -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.directory = directory
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(self._name).issuer_name(self._name)
+                .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()),
+                               critical=False)
+                .sign(self._key, hashes.SHA256()))
+        self._cert = cert
+        self.cert = directory / "test-ca.crt"
+        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, common_name: str, names: list[str] | None = None) -> tuple[Path, Path]:
+        """A certificate for ``common_name`` (and ``names`` as its DNS names;
+        default: the common name) and its key, as PEM files."""
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                .issuer_name(self._name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName(n) for n in (names or [common_name])]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                    ca_ski), critical=False)
+                .sign(self._key, hashes.SHA256()))
+        cert_path = self.directory / f"{common_name}.crt"
+        key_path = self.directory / f"{common_name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert_path, key_path

@@ -208,7 +208,7 @@ def _error(tmp_path: Path, text: str) -> tuple[Path, str]:
     ("[http]\nlisten = ['127.0.0.1:http']\n", "http.listen", "127.0.0.1:http"),
     ("[smtp]\nlisten = '127.0.0.1:2025'\n", "smtp.listen", "list"),
     ("[smtp]\nmax_message_size = 0\n", "smtp.max_message_size", "greater than 0"),
-    ("[routes]\n'example.com' = 'nohost'\n", "routes.example.com", "nohost"),
+    ("[routes]\n'example.com' = 'nohost'\n", 'routes."example.com"', "nohost"),
     ("[routes]\n'bad domain' = '127.0.0.1:25'\n", "routes.bad domain", "bad domain"),
     ("[routing_domains]\n'hotmail.com' = 'not a domain'\n", "routing_domains.hotmail.com",
      "not a domain"),

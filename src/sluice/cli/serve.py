@@ -54,6 +54,9 @@ def run(config_path: str | None) -> int:
         pass
     try:
         asyncio.run(_main(settings))
+    except ConfigError as exc:  # a value that validated but cannot be used (a key, a file)
+        print(f"sluice: bad configuration: {source}: {exc}", file=sys.stderr)
+        return 2
     except (StartupError, OSError) as exc:
         print(f"sluice: cannot start: {source}: {exc}", file=sys.stderr)
         return 1

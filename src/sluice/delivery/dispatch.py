@@ -12,7 +12,11 @@ Two contracts meet here:
   fates on to the main process's queue manager.
 
 ``Dispatcher`` resolves each promoted message's next hop and puts it in
-that site's ready queue; the sites send.
+that site's ready queue; the sites send. A ready queue is per site and TLS
+mode (``tls``): domains that share MX hosts share connections only when
+their mail needs the same TLS, so mail whose domain requires TLS never
+rides a connection that did without it. With ``[tls]`` empty (or naming
+only the default mode) every message takes the default without a lookup.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..spool import Stored
 from .mx import DnsFailure
 from .ready import Site
 from .routes import Router
+from .tls import TlsPolicy
 
 if TYPE_CHECKING:
     from ..rules.book import Rule
@@ -91,6 +96,9 @@ class Dispatcher:
         self.settings = settings
         self.router = router
         self.outcomes = outcomes
+        self.tls = TlsPolicy(settings.delivery, settings.tls)
+        # Keyed by the site's name, with " tls=<mode>" appended when the mode
+        # is not the default; the key names the site in ``figures``.
         self.sites: dict[str, Site] = {}
         self.parts: dict[str, QueueName] = {}  # of the queues of messages handed over
 
@@ -111,11 +119,17 @@ class Dispatcher:
             await self.outcomes.attempt_failed(msg, internal_error(exc, "routing"), NO_ATTEMPT,
                                                count_attempt=False)
             return
-        site = self.sites.get(hop.site)
+        tls = self.tls
+        if tls.per_domain:
+            mode = tls.mode_for(parts.domain)
+            key = hop.site if mode == tls.default else f"{hop.site} tls={mode}"
+        else:
+            mode, key = tls.default, hop.site
+        site = self.sites.get(key)
         if site is None:
             d = self.settings.delivery
-            site = self.sites[hop.site] = Site(hop, self.outcomes, d.connections_per_site,
-                                               d.messages_per_connection)
+            site = self.sites[key] = Site(hop, self.outcomes, d.connections_per_site,
+                                          d.messages_per_connection, tls, mode)
         site.push(msg)
 
     def take_matching(self, rule: Rule) -> list[Stored]:

@@ -7,6 +7,9 @@ a connection it keeps open for the following messages. Whatever goes wrong
 while a message is in flight, it leaves with an outcome: delivered, bounced,
 stopped by a rule, or failed (a TransientFailure and a retry), an unexpected
 exception included.
+
+A site's connections all use one TLS mode (``tls``): the dispatcher keeps a
+site per next hop and mode.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..logs import Attempt, internal_error
+from ..logs import internal_error
 from ..spool import Stored
 from .routes import NextHop
 from .smtp import Connection, DeliveryError, Stopped
 
 if TYPE_CHECKING:
+    from ..config import TlsMode
     from .dispatch import Outcomes
+    from .tls import TlsPolicy
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,11 @@ class Site:
     IDLE_SECONDS = 5.0
 
     def __init__(self, hop: NextHop, outcomes: Outcomes, max_connections: int,
-                 per_connection: int) -> None:
+                 per_connection: int, tls: TlsPolicy, tls_mode: TlsMode) -> None:
         self.name = hop.site
         self.hop = hop
+        self.tls = tls
+        self.tls_mode = tls_mode
         self.outcomes = outcomes
         self.queue: deque[Stored] = deque()
         self.max_connections = max_connections
@@ -123,7 +130,7 @@ class Site:
     def _connection(self) -> Connection:
         d = self.outcomes.settings.delivery
         return Connection(self.outcomes.settings.smtp.hostname, d.connect_timeout,
-                          d.command_timeout)
+                          d.command_timeout, self.tls, self.tls_mode)
 
     async def _handle(self, conn: Connection, msg: Stored) -> Connection:
         """Send ``msg`` (in flight) over ``conn`` or a new connection; returns the
@@ -138,12 +145,14 @@ class Site:
             try:
                 await conn.open(self.hop.hosts)
             except DeliveryError as exc:
-                # The site is unreachable: everything waiting for it fails now.
+                # The site is unreachable (or not with the TLS its mail
+                # needs): everything waiting for it fails now.
                 self.in_flight.pop(msg.id, None)
                 failing = [msg, *self.take(lambda _: True)]
                 self.failed += len(failing)
+                attempt = conn.attempt(self.name)
                 for f in failing:
-                    await m.attempt_failed(f, exc.response, Attempt(self.name))
+                    await m.attempt_failed(f, exc.response, attempt)
                 return conn
         await self._send(conn, msg)
         return conn

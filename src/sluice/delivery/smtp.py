@@ -1,7 +1,8 @@
 """One outbound SMTP connection (aiosmtplib), reused for several messages.
 
-STARTTLS is used whenever the peer offers it, without certificate checks
-(opportunistic TLS, RFC 7435). ``send`` calls ``may_send`` right before DATA:
+Each connection carries mail of one TLS mode; ``tls.TlsPolicy`` brings the
+session to it right after EHLO, or the connection fails (``TlsFailure``) and
+nothing is sent. ``send`` calls ``may_send`` right before DATA:
 the last chance for a bounce or suspend rule to stop the message. A message
 whose envelope needs SMTPUTF8 (a non-ASCII local part) goes with SMTPUTF8
 when the peer offers it, else it fails permanently with 5.6.7 (RFC 6531);
@@ -12,12 +13,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 from cryptography import x509
 
 from ..logs import Attempt, Response, Tls, parse_enhanced
 from ..message import AddressError, normalize_domain
+from .tls import TlsFailure
+
+if TYPE_CHECKING:
+    from ..config import TlsMode
+    from .tls import TlsPolicy
 
 
 class DeliveryError(Exception):
@@ -75,11 +82,25 @@ def _ascii_path(address: str) -> str | None:
         return None
 
 
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO when the peer refuses EHLO (RFC 5321 section 3.2): the
+    extensions must be known before STARTTLS and before the first MAIL."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
 class Connection:
-    def __init__(self, helo: str, connect_timeout: float, command_timeout: float) -> None:
+    def __init__(self, helo: str, connect_timeout: float, command_timeout: float,
+                 policy: TlsPolicy, mode: TlsMode) -> None:
         self._helo = helo
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
+        self._policy = policy
+        self._mode = mode
         self._smtp: aiosmtplib.SMTP | None = None
         self.peer: tuple[str, str] | None = None
         self.session_id: str | None = None
@@ -95,27 +116,41 @@ class Connection:
         return Attempt(site, self.peer, self.session_id, self.tls)
 
     async def open(self, hosts: tuple[tuple[str, int], ...]) -> None:
-        """Connect to the first host that answers; DeliveryError if none does."""
+        """Connect to the first host that answers and gives the TLS the mode
+        asks for; DeliveryError if none does. After a TLS failure, ``peer``
+        and ``session_id`` name the session that failed."""
         last = Response(451, "no hosts to connect to", (4, 4, 4), "connect")
         for host, port in hosts:
+            self.peer = self.session_id = None
             smtp = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self._helo,
-                                   timeout=self._command_timeout, start_tls=None,
-                                   validate_certs=False)
+                                   timeout=self._command_timeout, start_tls=False)
             try:
                 await smtp.connect(timeout=self._connect_timeout)
+                addr = smtp.get_transport_info("peername")
+                self.peer = (host, str(addr[0])) if addr else None
+                self.session_id = str(uuid.uuid4())
+                await _greet(smtp)
+                await self._policy.start(smtp, host, port, self._mode)
+                if smtp.get_transport_info("ssl_object") is not None:
+                    await smtp.ehlo()  # RFC 3207: what the peer offers under TLS
+            except TlsFailure as exc:
+                smtp.close()
+                last = exc.response
+                continue
             except aiosmtplib.SMTPResponseException as exc:
+                smtp.close()
+                self.peer = self.session_id = None
                 last = _response(exc.code if exc.code >= 400 else 421, exc.message, "connect")
                 if last.code >= 500:  # a 5xx greeting still means "try later elsewhere"
                     last = Response(421, last.content, (4, 4, 2), "connect")
                 continue
             except (aiosmtplib.SMTPException, OSError) as exc:
+                smtp.close()
+                self.peer = self.session_id = None
                 last = Response(451, f"cannot connect to {host}:{port}: {exc}", (4, 4, 1),
                                 "connect")
                 continue
             self._smtp = smtp
-            addr = smtp.get_transport_info("peername")
-            self.peer = (host, str(addr[0])) if addr else None
-            self.session_id = str(uuid.uuid4())
             self.tls = _tls_of(smtp)
             return
         raise DeliveryError(last, connection_ok=False)
