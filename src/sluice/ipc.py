@@ -64,6 +64,9 @@ class Accept(Message):
     protocol: str
     peer: tuple[str, str] | None
     session_id: str | None
+    tls: tuple[str, str] | None = None  # (cipher, protocol version)
+    authn_id: str | None = None          # the AUTH user
+    tenant: str | None = None            # forced by the AUTH user's line
 
 
 class Accepted(msgspec.Struct, kw_only=True):

@@ -28,9 +28,12 @@ from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
 from .node import NodeIdError, node_id
 from .queues.manager import QueueManager
+from .reception.auth import Credentials
+from .reception.dkim import DkimSigner
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
 from .reception.smtp import ReceptionHandler, start_smtp
+from .reception.tls import ensure_certificate
 from .rules.bounce import Bounces
 from .rules.suspend import Suspensions
 from .spool import SqliteSpool
@@ -52,6 +55,7 @@ class Services:
     manager: QueueManager
     intake: Intake
     stats: Counter[str]
+    dkim: DkimSigner
 
 
 class _Uvicorn(uvicorn.Server):
@@ -97,6 +101,11 @@ class Server:
             node_id(settings.data_path)  # made here, before any part or child needs it
         except (OSError, NodeIdError) as exc:
             raise StartupError(f"server.data_dir {settings.server.data_dir}: {exc}") from None
+        # The DKIM keys before anything is bound or opened: a key that cannot
+        # be used is a bad configuration (ConfigError), and nothing listens.
+        dkim = DkimSigner(settings)
+        if settings.smtp.auth_file:
+            Credentials.load(settings.smtp.auth_file)
         nodeid = node_id(settings.data_path)
         spool = SqliteSpool(settings.data_path)
         router = Router(settings.routes,
@@ -116,7 +125,8 @@ class Server:
         suspensions.also_held.append(bounces.holds_queue)  # a bounce rule in its grace
         intake = Intake(settings, spool, bounces, suspensions, nodeid, stats,
                         on_received=lambda queued: manager.wake())
-        self.services = Services(settings, spool, bounces, suspensions, manager, intake, stats)
+        self.services = Services(settings, spool, bounces, suspensions, manager, intake, stats,
+                                 dkim)
         self._pruner: asyncio.Task | None = None
         self._smtp_sockets: list[socket.socket] = []
         self._smtp_servers: list[asyncio.base_events.Server] = []
@@ -136,6 +146,8 @@ class Server:
         except OSError as exc:
             raise StartupError(f"server.data_dir {self.settings.server.data_dir}: cannot open "
                                f"the spool: {exc.strerror or exc}") from None
+        # The certificate before any process serves with it (ConfigError).
+        ensure_certificate(self.settings)
         # The rules before anything that checks them.
         rows = await s.spool.load_rules()
         await s.bounces.load(rows)

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ..message import AddressError, split_address
+from ..reception.dkim import DkimError
 from ..reception.inject import Composer, TemplateProblem, check_recipient
 from .deps import services
-from .models import ERROR_RESPONSES, FieldError, InjectRequest, InjectResponse
+from .models import ERROR_RESPONSES, ErrorResponse, FieldError, InjectRequest, InjectResponse
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["inject"], responses=ERROR_RESPONSES)
 
 
-@router.post("/api/inject/v1", response_model=InjectResponse,
-             )
+@router.post("/api/inject/v1", response_model=InjectResponse, responses={
+    503: {"model": ErrorResponse,
+          "description": "A message could not be DKIM-signed; nothing was queued, try again"}})
 async def inject(req: InjectRequest, request: Request, svc=Depends(services)) -> dict:
-    """Queue one message per recipient; answers once they are durable."""
+    """Queue one message per recipient; answers once they are durable.
+
+    Every distinct message is DKIM-signed (when its From domain has a key)
+    before any is stored: a signing failure queues nothing."""
     if req.envelope_sender:
         try:
             split_address(req.envelope_sender)
@@ -46,11 +54,17 @@ async def inject(req: InjectRequest, request: Request, svc=Depends(services)) ->
             errors.append(f"{rcpt.email}: message size exceeds fixed maximum message size")
             continue
         bodies.setdefault(body, []).append(rcpt.email)
+    try:
+        signed = [(svc.dkim.sign(body), rcpts) for body, rcpts in bodies.items()]
+    except DkimError as exc:
+        log.warning("DKIM signing failed, answered 503: %s", exc)
+        raise HTTPException(status_code=503, detail=f"DKIM signing failed, nothing was "
+                            f"queued: {exc}") from None
     peer = ("", request.client.host) if request.client and request.client.host else None
     await asyncio.gather(*(
         svc.intake.accept(body, req.envelope_sender, rcpts, protocol="HTTP", peer=peer,
                           session_id=None)
-        for body, rcpts in bodies.items()))
+        for body, rcpts in signed))
     ok = sum(len(r) for r in bodies.values())
     return {"success_count": ok, "fail_count": len(failed), "failed_recipients": failed,
             "errors": errors}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import Settings
-from ..logs import RECEPTION, Response, make_record
+from ..logs import RECEPTION, Response, Tls, make_record
 from ..message import Meta, normalize_label, queue_for, split_address
 from ..spool import Inbound, Spool, new_message_id
 
@@ -76,10 +76,12 @@ class Intake:
         self.stats = stats
         self.on_received = on_received
 
-    def meta_for(self, body: bytes, domain: str) -> Meta:
+    def meta_for(self, body: bytes, domain: str, tenant: str | None = None) -> Meta:
+        """The message's tenant and campaign from its headers; ``tenant``,
+        when given (an AUTH user's), wins over the header."""
         s = self.settings.smtp
         values = header_values(body, [s.tenant_header, s.campaign_header])
-        return Meta(tenant=normalize_label(values.get(s.tenant_header)),
+        return Meta(tenant=tenant or normalize_label(values.get(s.tenant_header)),
                     campaign=normalize_label(values.get(s.campaign_header)),
                     routing_domain=self.settings.routing_domains.get(domain))
 
@@ -88,8 +90,12 @@ class Intake:
         await self.spool.add_records(records)
 
     async def accept(self, body: bytes, sender: str, recipients: list[str], *, protocol: str,
-                     peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
-        """Store one message per recipient; returns once durable."""
+                     peer: tuple[str, str] | None, session_id: str | None,
+                     tls: Tls | None = None, authn_id: str | None = None,
+                     tenant: str | None = None) -> Accepted:
+        """Store one message per recipient; returns once durable. ``tls``,
+        ``authn_id``: the session's, for the Reception record; ``tenant``:
+        forced by the AUTH user's line."""
         now = time.time()
         size = len(body)
         # The reply that acknowledges the message: to the end of DATA (".") in SMTP.
@@ -101,7 +107,7 @@ class Intake:
             _, domain = split_address(rcpt)
             meta = meta_cache.get(domain)
             if meta is None:
-                meta = meta_cache[domain] = self.meta_for(body, domain)
+                meta = meta_cache[domain] = self.meta_for(body, domain, tenant)
             queue = queue_for(domain, meta)
             name = str(queue)
             msg_id = new_message_id(name)
@@ -109,9 +115,10 @@ class Intake:
                            protocol=protocol)
             item.records.append(make_record(
                 RECEPTION, msg_id=msg_id, sender=sender, recipient=rcpt, queue=name,
-                meta=meta.as_dict(), size=size, created=now, num_attempts=0, nodeid=self.nodeid,
+                meta=meta.as_dict() if authn_id is None else {**meta.as_dict(), "authn_id": authn_id},
+                size=size, created=now, num_attempts=0, nodeid=self.nodeid,
                 response=ack, peer=peer, reception_protocol=protocol, session_id=session_id,
-                now=now))
+                tls=tls, now=now))
             rule = self.bounces.check(name, queue, item)
             if rule is not None and rule.pending():
                 item.held = True  # in its grace: held, not bounced

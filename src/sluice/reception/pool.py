@@ -10,6 +10,7 @@ import socket
 from ..config import Settings
 from ..ipc import Accept, Channel, Ready, Records, Stop, spawn, started
 from ..ipc import Accepted as AcceptAnswer
+from ..logs import Tls
 from ..message import AddressError
 from .intake import Intake
 
@@ -80,7 +81,9 @@ class WorkerPool:
         try:
             accepted = await self.intake.accept(body, msg.sender, msg.recipients,
                                                 protocol=msg.protocol, peer=msg.peer,
-                                                session_id=msg.session_id)
+                                                session_id=msg.session_id,
+                                                tls=Tls(*msg.tls) if msg.tls else None,
+                                                authn_id=msg.authn_id, tenant=msg.tenant)
         except AddressError as exc:
             return AcceptAnswer(address_error=str(exc))
         return AcceptAnswer(ids=accepted.ids, bounced=accepted.bounced)

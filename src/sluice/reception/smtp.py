@@ -4,31 +4,43 @@
 every reply (RFC 2034), PIPELINING and ENHANCEDSTATUSCODES in EHLO, and a
 bulk DATA reader (the end-of-data marker is found in large chunks and
 dot-stuffing undone with bytes operations, instead of line by line).
-``ReceptionHandler`` holds the policy: relay control, address syntax,
-recipient limit, and the durable store before the 250.
+``SluiceSMTP`` also does STARTTLS with the event loop's own TLS
+(``loop.start_tls``: uvloop's native implementation when uvloop runs),
+refuses a second STARTTLS, bounds the handshake by the idle timeout, and
+disconnects a client after 5 failed AUTH attempts.
+``ReceptionHandler`` holds the policy: relay control (trusted hosts or an
+authenticated client), AUTH PLAIN and LOGIN against the auth_file, address
+syntax, recipient limit, and the durable store before the 250.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
+import ipaddress
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 import weakref
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, login_always_fail
 
 from ..config import IPNetwork, Settings, host_in
-from ..logs import REJECTION, Response, make_record
+from ..logs import REJECTION, Response, Tls, make_record
 from ..message import AddressError, split_address
 from ..node import node_id
+from .auth import Credentials
+from .dkim import DkimError, DkimSigner
 from .intake import Intake
 from .lines import fold_long_lines
+from .tls import server_context
 
 if TYPE_CHECKING:
     from .worker import RemoteIntake
@@ -70,6 +82,25 @@ def _with_enhanced(status: str) -> str:
     return f"{code} {default} {rest}"
 
 
+MAX_AUTH_FAILURES = 5  # then the client is disconnected
+
+
+def _is_loopback(peer: Any) -> bool:
+    try:
+        return isinstance(peer, tuple) and ipaddress.ip_address(peer[0].split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def session_tls(transport: asyncio.BaseTransport | None) -> Tls | None:
+    """The TLS of a session, for its records (None in plain text)."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return Tls(cipher[0] if cipher else "", ssl_object.version() or "")
+
+
 _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)", re.S)
 
 
@@ -78,15 +109,17 @@ class SluiceSMTP(SMTP):
 
     aiosmtpd's ``__init__`` rebuilds its command and hook tables with
     ``inspect`` for every connection, which was over a quarter of the CPU of
-    accepting a message. Sluice offers no AUTH, so this ``__init__`` sets the
-    same state with tables built once per class and once per handler.
+    accepting a message. This ``__init__`` sets the same state with tables
+    built once per class and once per handler (AUTH is the handler's
+    ``handle_AUTH``, so aiosmtpd's authenticator machinery stays unused).
     """
 
     _command_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, handler: ReceptionHandler, *, hostname: str, ident: str,
                  data_size_limit: int, timeout: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, tls_context: ssl.SSLContext | None = None,
+                 require_tls: bool = False) -> None:
         self.__ident__ = ident
         self.loop = loop
         asyncio.StreamReaderProtocol.__init__(
@@ -99,8 +132,8 @@ class SluiceSMTP(SMTP):
         # per connection (aiosmtpd keeps this one on the class, shared)
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.hostname = hostname
-        self.tls_context = None
-        self.require_starttls = False
+        self.tls_context = tls_context
+        self.require_starttls = bool(tls_context) and require_tls
         self._timeout_duration = timeout
         self._timeout_handle = None
         self._tls_handshake_okay = True
@@ -110,12 +143,13 @@ class SluiceSMTP(SMTP):
         self.envelope = None
         self.transport = None
         self._handler_coroutine = None
-        self._auth_require_tls = True
+        self._auth_require_tls = True  # False for loopback clients (connection_made)
         self._proxy_timeout = None
         self._authenticator = None
         self._auth_callback = login_always_fail
         self._auth_required = False
-        self._auth_methods = {}
+        # the mechanisms offered; handle_AUTH does the exchange
+        self._auth_methods = dict.fromkeys(("LOGIN", "PLAIN")) if handler.credentials else {}
         self._handle_hooks = handler.hooks
         self._ehlo_hook_ver = "new"
         names = type(self)._command_names
@@ -126,6 +160,71 @@ class SluiceSMTP(SMTP):
         self._enforce_call_limit = False
         self._greeted = False
         self._helo_reply = f"250 {hostname}"  # RFC 2034: as it is, like the greeting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._original_transport is None:  # a new connection, not STARTTLS
+            self._auth_require_tls = not _is_loopback(transport.get_extra_info("peername"))
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207 with the loop's TLS; the plaintext the client pipelined
+        after STARTTLS is discarded, a second STARTTLS refused."""
+        if self._original_transport is not None:
+            await self.push("503 5.5.1 Already using TLS")
+            return
+        if await self.check_helo_needed("EHLO"):
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # RFC 3207, 5
+        plain = self.transport
+        assert plain is not None
+        self._original_transport = plain
+        try:
+            secure = await self.loop.start_tls(
+                plain, self, self.tls_context, server_side=True,
+                ssl_handshake_timeout=min(60.0, self._timeout_duration))
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("%r TLS handshake failed: %s", self.session and self.session.peer, exc)
+            secure = None
+        if secure is None:  # no TLS: the session ends here, as aiosmtpd ends it
+            plain.close()
+            self.connection_lost(None)
+            return
+        # RFC 3207, 4.2: the session starts again, as at connection time.
+        self._reader._transport = secure  # type: ignore[attr-defined]
+        self._writer._transport = secure  # type: ignore[attr-defined]
+        self.transport = secure
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self._tls_protocol = secure  # type: ignore[assignment]  # "TLS is in use"
+        self._set_rset_state()
+        old = self.session
+        self.session = self._create_session()
+        if old is not None:
+            self.session.peer = old.peer
+            if hasattr(old, "sluice_id"):  # one session id per connection
+                self.session.sluice_id = old.sluice_id  # type: ignore[attr-defined]
+        self.session.ssl = {"ssl_object": secure.get_extra_info("ssl_object")}
+        self._greeted = True
+        self._reset_timeout()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._auth_methods:
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        # mechanism names are case-insensitive (RFC 4954)
+        mech, sep, rest = (arg or "").partition(" ")
+        await super().smtp_AUTH(mech.upper() + sep + rest)
+        session = self.session
+        if session is not None and getattr(session, "auth_failures", 0) >= MAX_AUTH_FAILURES:
+            await self.push("421 4.7.0 Too many failed authentication attempts, closing")
+            if self.transport is not None:
+                self.transport.close()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # The common case, a plain <local@domain>, without the header parser.
@@ -219,11 +318,16 @@ class ReceptionHandler:
         self.settings = settings
         self.intake = intake
         self.relay: list[IPNetwork] = settings.smtp.relay_networks()
+        self.credentials = (Credentials.load(settings.smtp.auth_file)
+                            if settings.smtp.auth_file else None)
         self.nodeid = node_id(settings.data_path)
+        self.dkim = DkimSigner(settings)  # keys loaded once per process
         # aiosmtpd's hook table, built once for every session
         self.hooks = {m[7:]: getattr(self, m) for m in dir(self) if m.startswith("handle_")}
 
     def _may_relay(self, session: Session) -> bool:
+        if session.authenticated:
+            return True
         peer = session.peer
         return isinstance(peer, tuple) and host_in(peer[0], self.relay)
 
@@ -232,9 +336,46 @@ class ReceptionHandler:
         session.host_name = hostname
         if not hasattr(session, "sluice_id"):
             session.sluice_id = str(uuid.uuid4())  # type: ignore[attr-defined]
+        # aiosmtpd writes "250-AUTH " with no mechanism when none is offered
+        lines = [r for r in responses[:-1] if r != "250-AUTH "]
         # one write for the whole reply
-        return ["\r\n".join([*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES",
+        return ["\r\n".join([*lines, "250-PIPELINING", "250-ENHANCEDSTATUSCODES",
                               responses[-1]])]
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope,
+                          args: list[str]) -> str | None:
+        """AUTH PLAIN and LOGIN (RFC 4954, 4616), with or without an initial
+        response; None when the exchange was aborted (its reply is sent)."""
+        mechanism, initial = args[0], (args[1] if len(args) > 1 else None)
+        if mechanism == "PLAIN":
+            blob = await _auth_response(server, initial, "")
+            if blob is None:
+                return None
+            parts = blob.split(b"\0")
+            if len(parts) != 3:
+                return "501 5.5.2 Malformed AUTH PLAIN response"
+            login, password = parts[1], parts[2]
+        else:  # LOGIN
+            login = await _auth_response(server, initial, "Username:")
+            if login is None:
+                return None
+            password = await _auth_response(server, None, "Password:")
+            if password is None:
+                return None
+        try:
+            name, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            name, secret = "", ""
+        user = await self.credentials.check(name, secret) if self.credentials and name else None
+        if user is None:
+            session.auth_failures = getattr(session, "auth_failures", 0) + 1  # type: ignore[attr-defined]
+            log.warning("AUTH %s failed for %r from %s", mechanism, printable(name)[:64],
+                        session.peer[0] if isinstance(session.peer, tuple) else "?")
+            return "535 5.7.8 Authentication credentials invalid"
+        session.authenticated = True
+        session.sluice_user = user  # type: ignore[attr-defined]
+        return "235 2.7.0 Authentication successful"
+
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -285,15 +426,25 @@ class ReceptionHandler:
         body = fold_long_lines(envelope.original_content or b"")
         peer = session.peer if isinstance(session.peer, tuple) else ("", "")
         protocol = _protocol(session)
+        tls = session_tls(server.transport)
+        user = getattr(session, "sluice_user", None)
+        # RFC 3848: ESMTPS with TLS, ESMTPA / ESMTPSA when authenticated
+        with_ = protocol + ("S" if tls and protocol == "ESMTP" else "") + ("A" if user else "")
         received = (f"Received: from {session.host_name or 'unknown'} ([{peer[0]}])\r\n"
-                    f"\tby {self.settings.smtp.hostname} (Sluice) with {protocol};\r\n"
+                    f"\tby {self.settings.smtp.hostname} (Sluice) with {with_};\r\n"
                     f"\t{_rfc2822_now()}\r\n").encode("utf-8", "replace")
         try:
+            message = self.dkim.sign(received + body)
+        except DkimError as exc:
+            log.warning("DKIM signing failed, answered 451: %s", exc)
+            return f"451 4.3.0 Cannot DKIM-sign the message ({exc}), try again later"
+        try:
             accepted = await self.intake.accept(
-                received + body, "" if envelope.mail_from == "<>" else envelope.mail_from or "",
+                message, "" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 list(envelope.rcpt_tos),
                 protocol=protocol, peer=(session.host_name or "", str(peer[0])),
-                session_id=getattr(session, "sluice_id", None))
+                session_id=getattr(session, "sluice_id", None), tls=tls,
+                authn_id=user.name if user else None, tenant=user.tenant if user else None)
         except AddressError as exc:
             return f"554 5.1.3 {exc}"
         except Exception:
@@ -301,6 +452,22 @@ class ReceptionHandler:
             return "451 4.3.0 Temporary failure storing the message, try again later"
         return f"250 2.0.0 OK queued as {accepted.ids[0]}" + (
             f" (+{len(accepted.ids) - 1})" if len(accepted.ids) > 1 else "")
+
+
+async def _auth_response(server: SMTP, initial: str | None, challenge: str) -> bytes | None:
+    """The client's decoded answer: the initial response ("=" is empty), or
+    the answer to a 334 ``challenge``; None when the client aborted or sent
+    bad base64 (the 501 is already sent)."""
+    if initial is None:
+        blob = await server.challenge_auth(challenge)
+        return None if blob is MISSING else blob  # type: ignore[return-value]
+    if initial == "=":
+        return b""
+    try:
+        return base64.b64decode(initial, validate=True)
+    except binascii.Error:
+        await server.push("501 5.5.2 Can't decode base64")
+        return None
 
 
 def _protocol(session: Session) -> str:
@@ -319,9 +486,12 @@ async def start_smtp(settings: Settings, handler: ReceptionHandler, sock: socket
     loop = asyncio.get_running_loop()
     s = settings.smtp
 
+    tls_context = server_context(settings)
+
     def factory() -> SluiceSMTP:
         proto = SluiceSMTP(handler, hostname=s.hostname, ident="Sluice ESMTP",
-                           data_size_limit=s.max_message_size, timeout=s.idle_timeout, loop=loop)
+                           data_size_limit=s.max_message_size, timeout=s.idle_timeout, loop=loop,
+                           tls_context=tls_context, require_tls=s.require_tls)
         sessions.add(proto)
         return proto
 

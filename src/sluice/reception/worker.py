@@ -23,6 +23,7 @@ import weakref
 from ..config import Settings
 from ..ipc import Accept, Channel, Ready, Records, Stop, child_main
 from ..ipc import Accepted as AcceptAnswer
+from ..logs import Tls
 from ..message import AddressError
 from .intake import Accepted
 from .smtp import ReceptionHandler, start_smtp
@@ -35,11 +36,15 @@ class RemoteIntake:
         self.channel = channel
 
     async def accept(self, body: bytes, sender: str, recipients: list[str], *, protocol: str,
-                     peer: tuple[str, str] | None, session_id: str | None) -> Accepted:
+                     peer: tuple[str, str] | None, session_id: str | None,
+                     tls: Tls | None = None, authn_id: str | None = None,
+                     tenant: str | None = None) -> Accepted:
         """Raises AddressError for refused addresses, RemoteError when storing failed."""
         answer = await self.channel.call(
             Accept(sender=sender, recipients=recipients, protocol=protocol, peer=peer,
-                   session_id=session_id), body, returns=AcceptAnswer)
+                   session_id=session_id,
+                   tls=(tls.cipher, tls.protocol_version) if tls else None,
+                   authn_id=authn_id, tenant=tenant), body, returns=AcceptAnswer)
         if answer.address_error is not None:
             raise AddressError(answer.address_error)
         return Accepted(ids=answer.ids, bounced=answer.bounced)
