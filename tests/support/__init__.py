@@ -38,11 +38,25 @@ def _ephemeral_range() -> tuple[int, int]:
 _EPHEMERAL = _ephemeral_range()
 
 
-def free_port() -> int:
-    """A port nothing listens on, outside the kernel's range for outgoing
-    connections (a port from that range can be taken by a client connection
-    between now and the moment a server binds it)."""
+def _port_range() -> tuple[int, int]:
+    """Ports outside the kernel's range for outgoing connections (a port from
+    that range can be taken by a client connection between now and the moment
+    a server binds it), and, under pytest-xdist, a slice of them per worker: a
+    port another worker picked a moment ago is never picked here before that
+    worker's server has bound it."""
     low, high = (20000, _EPHEMERAL[0]) if _EPHEMERAL[0] > 21000 else (_EPHEMERAL[1] + 1, 65000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        size = (high - low) // count
+        low += int(worker[2:]) % count * size
+        high = low + size
+    return low, high
+
+
+def free_port() -> int:
+    """A port nothing listens on (see ``_port_range``)."""
+    low, high = _port_range()
     for _ in range(200):
         port = random.randrange(low, high)
         with socket.socket() as s:
@@ -107,6 +121,8 @@ class Sink:
              "--record", str(self.record)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         wait_smtp(self.port)
+        if self.proc.poll() is not None:  # what answered is another program
+            raise RuntimeError(f"sluice sink exited: {self.proc.stdout.read().decode()}")
         return self
 
     def stop(self) -> str:
@@ -130,9 +146,10 @@ class Serve:
 
     def __init__(self, tmp: Path, extra: str = "", routes: dict[str, str] | None = None,
                  queue: str = "", http_port: int | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, smtp: str = "") -> None:
         """``workers`` None: the default (one reception process per core and
-        a delivery process); 0: everything in one process."""
+        a delivery process); 0: everything in one process. ``smtp``: more
+        ``[smtp]`` lines."""
         self.dir = tmp
         self.smtp_port = free_port()
         self.http_port = http_port or free_port()
@@ -148,6 +165,7 @@ node_name = "test"
 [smtp]
 listen = ["127.0.0.1:{self.smtp_port}"]
 hostname = "mta.test"
+{smtp}
 [http]
 listen = ["127.0.0.1:{self.http_port}"]
 [queue]
@@ -169,6 +187,8 @@ listen = ["127.0.0.1:{self.http_port}"]
         try:
             wait_port(self.http_port)
             wait_smtp(self.smtp_port)
+            if self.proc.poll() is not None:  # what answered is another program
+                raise TimeoutError
         except TimeoutError:
             raise RuntimeError(f"sluice serve did not come up (exit status "
                                f"{self.proc.poll()}):\n{self.log.read_text()[-3000:]}") from None
