@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -258,6 +260,93 @@ class DkimSettings(_Section):
         return v
 
 
+_RATE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|sec|m|min|h|hr|d)\s*")
+_RATE_UNIT = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+
+
+def parse_rate(value: Any) -> float:
+    """``"50/s"``, ``"1000/m"``, ``"20000/h"`` -> per second (KumoMTA's form)."""
+    m = _RATE.fullmatch(value) if isinstance(value, str) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a rate like '50/s', '1000/m' or '20000/h'")
+    return float(m.group(1)) / _RATE_UNIT[m.group(2)]
+
+
+PerSecond = Annotated[float, BeforeValidator(parse_rate)]
+
+AUTOMATION_ACTIONS = ("suspend", "suspend_tenant", "suspend_campaign",
+                      "bounce", "bounce_tenant", "bounce_campaign")
+
+
+class Threshold(_Section):
+    count: int = Field(ge=1)
+    period: Seconds
+
+
+class Automation(_Section):
+    """``[[shaping."<domain>".automation]]``: what to do when a receiver's
+    response matches ``regex`` (the response as one line: code, enhanced
+    code, text)."""
+
+    regex: str
+    action: str
+    duration: Seconds
+    threshold: Threshold | None = None   # None: the first match acts
+
+    @field_validator("regex")
+    @classmethod
+    def _check_regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+    @field_validator("action")
+    @classmethod
+    def _check_action(cls, v: str) -> str:
+        name, sep, value = v.partition("=")
+        if sep and name.strip() == "max_message_rate":
+            parse_rate(value)
+            return f"max_message_rate={value.strip()}"
+        if v not in AUTOMATION_ACTIONS:
+            raise ValueError(f"{v!r}: expected one of {', '.join(AUTOMATION_ACTIONS)} or "
+                             "'max_message_rate=RATE' (e.g. 'max_message_rate=1/m')")
+        return v
+
+    @property
+    def rate(self) -> float | None:
+        """The lowered rate of a ``max_message_rate=`` action (per second)."""
+        name, sep, value = self.action.partition("=")
+        return parse_rate(value) if sep else None
+
+
+class Shaping(_Section):
+    """``[shaping."<domain>"]`` and ``[shaping.default]``: limits per
+    destination site (the MX hosts a domain resolves to); a key that is not
+    set falls back to ``default``, then to ``[delivery]``."""
+
+    max_connections: int | None = Field(default=None, ge=1)
+    max_deliveries_per_connection: int | None = Field(default=None, ge=1)
+    max_message_rate: PerSecond | None = None
+    max_connection_rate: PerSecond | None = None
+    connect_timeout: Seconds | None = None
+    idle_timeout: Seconds | None = None
+    automation: list[Automation] = []
+
+
+@dataclass(frozen=True, slots=True)
+class SiteLimits:
+    """The limits a destination site is held to (``Settings.limits_for``)."""
+
+    max_connections: int
+    max_deliveries_per_connection: int
+    max_message_rate: float | None      # messages per second; None: no limit
+    max_connection_rate: float | None   # new connections per second
+    connect_timeout: float
+    idle_timeout: float                 # an idle connection is closed after this
+
+
 class AdminSettings(_Section):
     # A new bounce rule holds matching mail this long before it bounces it
     # (its "grace"; the API's "grace" field overrides it). 0s: at once.
@@ -282,6 +371,7 @@ class Settings(BaseModel):
     admin: AdminSettings = AdminSettings()
     tls: dict[str, TlsMode] = {}
     dkim: dict[str, DkimSettings] = {}
+    shaping: dict[str, Shaping] = {}
     routes: dict[str, HostPort] = {}
     routing_domains: dict[str, str] = {}
 
@@ -293,6 +383,38 @@ class Settings(BaseModel):
         merged = self.queue.model_dump()
         merged.update({k: v for k, v in override.model_dump().items() if v is not None})
         return QueueSettings(**merged)
+
+    def limits_for(self, domain: str) -> SiteLimits:
+        """``[shaping."domain"]``, then ``[shaping.default]``, then ``[delivery]``."""
+        d = self.delivery
+        chain = [x for x in (self.shaping.get(domain), self.shaping.get("default")) if x]
+
+        def pick(key: str, fallback: Any) -> Any:
+            for entry in chain:
+                value = getattr(entry, key)
+                if value is not None:
+                    return value
+            return fallback
+
+        return SiteLimits(
+            max_connections=pick("max_connections", d.connections_per_site),
+            max_deliveries_per_connection=pick("max_deliveries_per_connection",
+                                               d.messages_per_connection),
+            max_message_rate=pick("max_message_rate", None),
+            max_connection_rate=pick("max_connection_rate", None),
+            connect_timeout=pick("connect_timeout", d.connect_timeout),
+            idle_timeout=pick("idle_timeout", 5.0),
+        )
+
+    def automation_for(self, domain: str) -> list[tuple[str, Automation]]:
+        """The automation entries that watch mail to ``domain``, each with
+        its name (``<domain>#<n>``, ``default#<n>``; n counts from 1)."""
+        out = []
+        for key in (domain, "default"):
+            entry = self.shaping.get(key)
+            if entry is not None:
+                out.extend((f"{key}#{i}", a) for i, a in enumerate(entry.automation, 1))
+        return out
 
     @property
     def data_path(self) -> Path:
@@ -321,14 +443,15 @@ def _split_queue_table(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _normalize_domain_keys(raw: dict[str, Any], table: str, values_too: bool) -> None:
+def _normalize_domain_keys(raw: dict[str, Any], table: str, values_too: bool,
+                           keep: tuple[str, ...] = ()) -> None:
     section = raw.get(table)
     if not isinstance(section, dict):
         return
     out = {}
     for key, value in section.items():
         try:
-            k = normalize_domain(key)
+            k = key if key in keep else normalize_domain(key)
             out[k] = normalize_domain(value) if values_too and isinstance(value, str) else value
         except AddressError as exc:
             raise ConfigError(f"{table}.{key}: {exc}") from None
@@ -343,6 +466,7 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<config>") -> Setting
         _normalize_domain_keys(raw, "routing_domains", values_too=True)
         _normalize_domain_keys(raw, "tls", values_too=False)
         _normalize_domain_keys(raw, "dkim", values_too=False)
+        _normalize_domain_keys(raw, "shaping", values_too=False, keep=("default",))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:

@@ -34,6 +34,7 @@ from .reception.intake import Intake
 from .reception.pool import WorkerPool
 from .reception.smtp import ReceptionHandler, start_smtp
 from .reception.tls import ensure_certificate
+from .rules.automation import Automations
 from .rules.bounce import Bounces
 from .rules.suspend import Suspensions
 from .spool import SqliteSpool
@@ -119,6 +120,8 @@ class Server:
         if settings.server.workers > 0:
             self.delivery = manager.delivery = DeliveryProcess(settings, manager)
         bounces.delivery = manager.delivery
+        manager.automation = Automations(settings, bounces, suspensions,
+                                         delivery=lambda: manager.delivery)
         bounces.changed = suspensions.changed = self._rules_changed
         bounces.holds_changed = suspensions.update_holds
         bounces.wake = suspensions.on_release = manager.wake
@@ -218,6 +221,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await s.bounces.stop()
+        if s.manager.automation is not None:
+            await s.manager.automation.stop()
         if self._http_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 2.0)

@@ -24,7 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import Settings
 from ..delivery.dispatch import DeliveryPort, Dispatcher, Outcomes
@@ -44,6 +44,9 @@ from ..rules.bounce import Bounces
 from ..rules.suspend import Suspensions
 from ..spool import Spool, Stored
 from .scheduled import expires_at, next_due
+
+if TYPE_CHECKING:
+    from ..rules.automation import Automations
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class QueueManager(Outcomes):
         # Where promoted mail goes: sites in this process, or the delivery
         # process (the server replaces this one).
         self.delivery: DeliveryPort = Dispatcher(settings, router, self)
+        # Receivers' responses that make rules (set by the wiring)
+        self.automation: Automations | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._reaper: asyncio.Task | None = None
@@ -187,6 +192,8 @@ class QueueManager(Outcomes):
 
     async def bounced(self, msg: Stored, resp: Response, attempt: Attempt) -> None:
         msg.attempts += 1
+        if self.automation is not None:
+            self.automation.observe(self.spool.index.parts(msg.queue), resp, attempt.site)
         await self._finish(msg, [self.record(BOUNCE, msg, resp, attempt)], BOUNCE)
 
     @_settles
@@ -198,6 +205,8 @@ class QueueManager(Outcomes):
         records = [self.record(TRANSIENT_FAILURE, msg, resp, attempt)]
         self.stats[TRANSIENT_FAILURE] += 1
         parts = self.spool.index.parts(msg.queue)
+        if self.automation is not None:
+            self.automation.observe(parts, resp, attempt.site)
         rule = self.bounces.check(msg.queue, parts, msg)
         if rule is not None and not rule.pending():
             await self.bounces.bounce_claimed(msg, rule, before=records)

@@ -14,6 +14,7 @@ names exist.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,12 @@ def _verify(stored: str, password: str) -> bool:
         return False
 
 
-# Verified when the user is unknown, so that it takes as long as a wrong password.
-_DUMMY = _argon2.hash("not a password of anyone")
+@functools.cache
+def _dummy() -> str:
+    """Verified when the user is unknown, so that it takes as long as a wrong
+    password. Made on first use: hashing takes argon2's memory (64 MiB), which
+    a process that never checks a password should not pay at import."""
+    return _argon2.hash("not a password of anyone")
 
 
 class Credentials:
@@ -99,7 +104,7 @@ class Credentials:
     def check_blocking(self, name: str, password: str) -> User | None:
         entry = self._users.get(name)
         if entry is None:
-            _verify(_DUMMY, password)
+            _verify(_dummy(), password)
             return None
         stored, user = entry
         return user if _verify(stored, password) else None

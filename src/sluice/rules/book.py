@@ -105,6 +105,10 @@ class RuleBook:
         self._changed()
         return rule
 
+    def touch(self) -> None:
+        """A rule changed in place (its end moved)."""
+        self._changed()
+
     def _changed(self) -> None:
         self._cache.clear()
         self.version += 1

@@ -95,6 +95,22 @@ class RuleKind:
         await self._in_force(rule, at_start=False)
         return rule
 
+    async def extend(self, rule_id: str, expires: float, actor: Actor = SERVER,
+                     request: Any = None) -> Rule | None:
+        """Move an active rule's end to ``expires`` (never earlier than it
+        was); None if there is no active rule with that id. Audited."""
+        rule = self.book.get(rule_id)
+        if rule is None:
+            return None
+        expires = max(expires, rule.expires)
+        await self.spool.set_expiry(rule_id, expires, audit=audit.entry(
+            f"{self.kind}-extend", actor, rule_id=rule_id, request=request,
+            result={"id": rule_id, "expires": expires}))
+        rule.expires = expires
+        self.book.touch()
+        await self._changed()
+        return rule
+
     async def cancel(self, rule_id: str, actor: Actor = SERVER, request: Any = None,
                      action: str = "cancel") -> Rule | None:
         """End an active rule; None if there is none with that id."""

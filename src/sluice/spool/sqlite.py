@@ -884,6 +884,16 @@ class SqliteSpool:
 
         await self._submit(op)
 
+    async def set_expiry(self, rule_id: str, expires: float, audit: bytes | None = None) -> None:
+        """Move an active rule's end (an automatic rule triggered again)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE rules SET expires = ? WHERE id = ? AND ended IS NULL",
+                         (expires, rule_id))
+            self._add_audit(conn, audit)
+
+        await self._submit(op)
+
     async def forget_rules(self, ended_before: float) -> int:
         """Remove rules that ended before ``ended_before``, with their counts."""
 
