@@ -1,27 +1,47 @@
 #!/usr/bin/env python3
 """Sluice side by side with Postfix, driven by the same load generator.
 
-Run through ``bench/peer_postfix.sh`` (which installs Postfix if absent and
-cleans up on any exit). Both MTAs listen on 127.0.0.1, spool on the same
-disk, and get the same load from Postfix's ``smtp-source`` (one connection
-per message, one command at a time, HELO):
+Run through ``bench/peer_postfix.sh`` (which installs Postfix and OpenDKIM if
+absent and cleans up on any exit). Both MTAs listen on 127.0.0.1, spool on
+the same disk, and get the same load: Postfix's ``smtp-source`` (one
+connection per message, one command at a time, HELO) except for the STARTTLS
+figure, which has none and uses ``bench/tls_source.py`` (the same pattern,
+EHLO, STARTTLS):
 
 1. accept rate, 10 KB and 100 KB, 50 sessions, mail held in the queue
    (Postfix: ``defer_transports = smtp``; Sluice: domain suspended);
-2. end-to-end relay rate to ``smtp-sink`` (from the first connection of
+   ``--only accept10k,accept100k``;
+2. accept-tls: the same, 10 KB, with STARTTLS on every connection (a full
+   handshake each, no session resumption), both MTAs with the same ECDSA
+   P-256 self-signed certificate made for the run (Postfix:
+   ``smtpd_tls_security_level = may``; Sluice: ``[smtp] tls_certificate``),
+   load from ``tls_source.py``; checked afterwards: every Reception record
+   has ``tls_protocol_version`` (Sluice), the maillog has a "TLS connection
+   established" line per message (Postfix);
+3. accept-dkim: the same, 10 KB, plain SMTP (``smtp-source -f
+   sender@bench.example``: its messages carry ``From: <sender@...>``), every
+   message DKIM-signed (rsa-sha256, 2048 bits, the same key, relaxed/relaxed)
+   before the 250: Sluice with ``[dkim."bench.example"]``, Postfix through a
+   private OpenDKIM milter (``milter_default_action = tempfail``, so an
+   unsigned message is never accepted); checked afterwards on one queued
+   message of each: a ``DKIM-Signature:`` with ``d=bench.example`` that
+   dkimpy verifies with the key's public half;
+4. end-to-end relay rate to ``smtp-sink`` (from the first connection of
    ``smtp-source`` until the sink has counted every message);
-3. purge of 100,000 queued messages: ``postsuper -d ALL`` against
+5. purge of 100,000 queued messages: ``postsuper -d ALL`` against
    ``kcli bounce --everything`` until the last AdminBounce record is in the
    log files.
 
 Each MTA runs alone during its measurement (the other one is stopped) and
 gets a fresh spool for each figure. Prints a table (Postfix, Sluice, ratio
-Sluice/Postfix) and one JSON line.
+Sluice/Postfix), where the cores went during each accept figure (MTA, load
+generator, other) and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -31,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -49,9 +70,15 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 POSTFIX = "/usr/sbin/postfix"
 POSTSUPER = "/usr/sbin/postsuper"
+POSTQUEUE = "/usr/sbin/postqueue"
+POSTCAT = "/usr/sbin/postcat"
+OPENDKIM = "/usr/sbin/opendkim"
+TLS_SOURCE = Path(__file__).resolve().parent / "tls_source.py"
 DOMAIN = "bench.example"
 SENDER = f"sender@{DOMAIN}"
 RCPT = f"user@{DOMAIN}"
+SELECTOR = "s1"
+FIGURES = ("accept10k", "accept100k", "accept-tls", "accept-dkim", "relay", "purge")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -221,6 +248,78 @@ class Source:
             raise RuntimeError(f"smtp-source exited {self.rc}: {' '.join(self.argv)}\n{tail}")
 
 
+class TlsSource:
+    """One ``tls_source.py`` run (STARTTLS on every connection). It is set up
+    and ready before ``go()``, so the measured interval leaves out the
+    interpreter's start; rate and CPU come from its own JSON line (CPU over
+    its sending; ``cpu_total`` from wait4 is its whole life)."""
+
+    def __init__(self, port: int, n: int, size: int, sessions: int, out: Path, pids: Pids,
+                 tls: bool = True) -> None:
+        self.argv = [sys.executable, str(TLS_SOURCE), "--wait", "-s", str(sessions), "-l", str(size),
+                     "-m", str(n), "-f", SENDER, "-t", RCPT, *([] if tls else ["--no-tls"]),
+                     f"127.0.0.1:{port}"]
+        self.out = out
+        self._fh = open(out, "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._fh)
+        self.pids = pids
+        pids.add(self.proc.pid)
+        self.elapsed: float | None = None
+        self.cpu = 0.0
+        self.cpu_total = 0.0
+        self.rc: int | None = None
+        self.result: dict = {}
+        self.stdout = b""
+        ready = self.proc.stdout.readline()
+        if not ready.startswith(b'{"ready"'):
+            self.kill()
+            raise RuntimeError(f"tls_source did not start: {ready!r}\n{self.tail()}")
+
+    def go(self) -> None:
+        self.t0 = time.perf_counter()
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
+
+    def wait(self) -> None:
+        if self.rc is not None:
+            return
+        _, status, ru = os.wait4(self.proc.pid, 0)
+        self.wall = time.perf_counter() - getattr(self, "t0", time.perf_counter())
+        self.rc = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.rc
+        self.cpu_total = ru.ru_utime + ru.ru_stime
+        self.pids.remove(self.proc.pid)
+        self.stdout = self.proc.stdout.read()
+        self.proc.stdout.close()
+        self._fh.close()
+        for line in reversed(self.stdout.splitlines()):
+            if line.startswith(b"{"):
+                self.result = json.loads(line)
+                break
+        self.elapsed = self.result.get("seconds") or self.wall
+        self.cpu = self.result.get("cpu_s", self.cpu_total)
+
+    def kill(self) -> None:
+        if self.rc is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            self.wait()
+
+    def tail(self) -> str:
+        try:
+            return self.out.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def check(self, n: int) -> None:
+        if self.rc != 0 or self.result.get("accepted") != n:
+            raise RuntimeError(f"tls_source exited {self.rc}, {self.result.get('accepted')} of {n} accepted: "
+                               f"{' '.join(self.argv)}\n{self.stdout.decode(errors='replace')}{self.tail()}")
+
+
 class Sink:
     """``smtp-sink -c``: its counter line says how many messages it has taken."""
 
@@ -262,6 +361,176 @@ class Sink:
 
 
 # --------------------------------------------------------------------------
+# key material, and the signing milter Postfix uses
+
+
+def make_tls_pair(d: Path) -> tuple[Path, Path]:
+    """One ECDSA P-256 self-signed certificate and its key (PEM), given to
+    both MTAs so that their handshakes cost the same."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-tls.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(h) for h in ("bench-tls.example", "sluice-bench.example",
+                                           "postfix-bench.example")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = d / "tls-key.pem", d / "tls-cert.pem"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def make_dkim_key(d: Path) -> Path:
+    """An RSA 2048 key (PKCS#8 PEM, mode 0600, owned by root: both Sluice and
+    OpenDKIM, which runs as root here, read it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"dkim-{SELECTOR}.{DOMAIN}.pem"
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return path
+
+
+def unfolded_headers(text: str) -> list[str]:
+    """The header lines of ``text`` (up to the first empty line), folded
+    lines joined."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            if out:
+                break
+            continue
+        if line[:1] in (" ", "\t") and out:
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line.rstrip())
+    return out
+
+
+def dkim_signature(headers: list[str]) -> str | None:
+    """The value of the first DKIM-Signature whose d= is our domain."""
+    for h in headers:
+        name, _, value = h.partition(":")
+        if name.strip().lower() != "dkim-signature":
+            continue
+        tags = {k.strip(): v.strip() for k, _, v in (t.partition("=") for t in re.sub(r"\s+", "", value).split(";"))}
+        if tags.get("d", "").lower() == DOMAIN:
+            return value.strip()
+    return None
+
+
+def dkim_verifies(message: bytes, key: Path) -> bool | None:
+    """dkimpy's verdict on ``message``'s signature, the public half of
+    ``key`` standing in for the DNS record; None without dkimpy."""
+    try:
+        import dkim
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:
+        return None
+    public = serialization.load_pem_private_key(key.read_bytes(), None).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    crlf = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return bool(dkim.verify(crlf, dnsfunc=lambda name, timeout=5: record))
+
+
+def signed_check(who: str, msg_id: str, message: str, key: Path) -> dict:
+    """The DKIM-Signature with d=bench.example of one queued message, and
+    that it verifies; RuntimeError otherwise."""
+    sig = dkim_signature(unfolded_headers(message))
+    if sig is None:
+        raise RuntimeError(f"{who}: queued message {msg_id} has no DKIM-Signature with d={DOMAIN}:\n"
+                           f"{message[:3000]}")
+    verified = dkim_verifies(message.encode("utf-8", "surrogateescape"), key)
+    if verified is False:
+        raise RuntimeError(f"{who}: the DKIM-Signature of queued message {msg_id} does not verify:\n"
+                           f"{message[:3000]}")
+    return {"signed_sample": msg_id, "dkim_verified": verified,
+            "dkim_signature": sig[:160] + ("..." if len(sig) > 160 else "")}
+
+
+class OpenDkim:
+    """A private ``opendkim`` (signing mode, our key, relaxed/relaxed) on a
+    127.0.0.1 port, in the foreground (so it is our child, listed in Pids),
+    running as root (no UserID: it reads the root-owned 0600 key)."""
+
+    def __init__(self, base: Path, conf_dir: Path, key: Path, pids: Pids) -> None:
+        self.base = base
+        self.conf_dir = conf_dir
+        self.key = key
+        self.pids = pids
+        self.port = free_port()
+        self.out = base / "opendkim.out"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Its config file and key must sit where no directory above is
+        writable by others (opendkim checks the whole path): ``conf_dir``."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        conf = self.conf_dir / "opendkim.conf"
+        conf.write_text(f"""\
+Mode                    s
+Domain                  {DOMAIN}
+Selector                {SELECTOR}
+KeyFile                 {self.key}
+Socket                  inet:{self.port}@127.0.0.1
+Canonicalization        relaxed/relaxed
+SignatureAlgorithm      rsa-sha256
+Background              no
+Syslog                  no
+""")
+        self._fh = open(self.out, "wb")
+        self.proc = subprocess.Popen([OPENDKIM, "-f", "-x", str(conf)], stdout=self._fh,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.pids.add(self.proc.pid)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"opendkim exited {self.proc.returncode}: "
+                                   f"{self.out.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"opendkim does not listen on 127.0.0.1:{self.port}")
+            time.sleep(0.05)
+        log(f"opendkim pid {self.proc.pid} on 127.0.0.1:{self.port}")
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid) if self.proc and self.proc.poll() is None else 0.0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            terminate(self.proc, "opendkim")
+            self.pids.remove(self.proc.pid)
+            self._fh.close()
+            self.proc = None
+
+
+# --------------------------------------------------------------------------
 # the two MTAs
 
 
@@ -277,9 +546,14 @@ class Postfix:
         self.port = port
         self.pids = pids
         self.master: int | None = None
+        self.milter: OpenDkim | None = None
+        self.milter_outs: list[Path] = []
 
-    def start(self, mode: str, relay_port: int) -> None:
-        """``mode``: "held" (defer_transports = smtp) or "relay"."""
+    def start(self, mode: str, relay_port: int, tls: tuple[Path, Path] | None = None,
+              dkim_key: Path | None = None) -> None:
+        """``mode``: "held" (defer_transports = smtp) or "relay". ``tls``:
+        (certificate, key) to offer STARTTLS with; ``dkim_key``: sign through
+        a private OpenDKIM milter with that key."""
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
         for d in (self.etc, self.spool, self.data):
@@ -287,6 +561,19 @@ class Postfix:
         os.chmod(self.base, 0o755)
         shutil.chown(self.data, "postfix")
         held = "smtp" if mode == "held" else ""
+        extra = ""
+        if tls is not None:
+            # loglevel 1: one "TLS connection established" line per session, checked afterwards
+            extra += (f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {tls[0]}\n"
+                      f"smtpd_tls_key_file = {tls[1]}\nsmtpd_tls_loglevel = 1\n")
+        if dkim_key is not None:
+            self.milter = OpenDkim(self.base.parent / f"opendkim-{len(self.milter_outs)}", dkim_key.parent,
+                                   dkim_key, self.pids)
+            self.milter_outs.append(self.milter.out)
+            self.milter.start()
+            # a message the milter did not sign is refused (4xx), never accepted
+            extra += (f"smtpd_milters = inet:127.0.0.1:{self.milter.port}\n"
+                      "milter_default_action = tempfail\n")
         (self.etc / "main.cf").write_text(f"""\
 compatibility_level = 3.6
 queue_directory = {self.spool}
@@ -311,7 +598,7 @@ queue_run_delay = 1h
 maillog_file = {self.maillog}
 maillog_file_prefixes = {self.base}
 biff = no
-""")
+{extra}""")
         (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port))
         r = subprocess.run([POSTFIX, "-c", str(self.etc), "start"], capture_output=True, text=True, check=False)
         if r.returncode != 0:
@@ -328,6 +615,14 @@ biff = no
         wait_banner(self.port, 30)
 
     def stop(self) -> None:
+        try:
+            self._stop_postfix()
+        finally:
+            if self.milter is not None:
+                self.milter.stop()
+                self.milter = None
+
+    def _stop_postfix(self) -> None:
         if not (self.etc / "main.cf").exists():
             return
         if self.master is not None and Path(f"/proc/{self.master}").exists():
@@ -343,7 +638,11 @@ biff = no
         wait_closed(self.port)
 
     def cpu(self) -> float:
-        return tree_cpu(self.master) if self.master else 0.0
+        """All of Postfix's processes, plus the signing milter when there is one."""
+        return (tree_cpu(self.master) if self.master else 0.0) + self.milter_cpu()
+
+    def milter_cpu(self) -> float:
+        return self.milter.cpu() if self.milter is not None else 0.0
 
     def rss_mb(self) -> float:
         return 0.0
@@ -358,13 +657,19 @@ biff = no
     def settle(self, expect: int, timeout: float = 300.0) -> float:
         """Wait until all ``expect`` messages sit in the deferred queue."""
         t0 = time.perf_counter()
+        last, since = None, t0
         while True:
             inflight = self.queued(("maildrop", "incoming", "active"))
             deferred = self.queued(("deferred",))
             if inflight == 0 and deferred >= expect:
                 return time.perf_counter() - t0
-            if time.perf_counter() - t0 > timeout:
-                raise RuntimeError(f"postfix did not settle: {inflight} in flight, {deferred} deferred")
+            now = time.perf_counter()
+            if (inflight, deferred) != last:
+                last, since = (inflight, deferred), now
+            # nothing moving for 15 s: some messages were refused (a tempfail, say)
+            if now - t0 > timeout or (inflight == 0 and now - since > 15):
+                raise RuntimeError(f"postfix did not settle: {inflight} in flight, {deferred} deferred"
+                                   f" of {expect}\n" + self.log_tail())
             time.sleep(0.2)
 
     def log_count(self, needle: str) -> int:
@@ -377,8 +682,43 @@ biff = no
         try:
             lines = self.maillog.read_text(errors="replace").splitlines()
         except OSError:
-            return []
-        return [ln for ln in lines if re.search(r"\b(warning|error|fatal|panic):", ln)]
+            lines = []
+        out = [ln for ln in lines if re.search(r"\b(warning|error|fatal|panic):", ln)]
+        for path in self.milter_outs:
+            try:
+                out += [f"{path.parent.name}: {ln}" for ln in path.read_text(errors="replace").splitlines()
+                        if ln.strip()]
+            except OSError:
+                pass
+        return out
+
+    def check_tls(self, n: int, timeout: float = 30.0) -> dict:
+        """Every session of the run was encrypted: ``n`` "TLS connection
+        established" lines in the maillog (postlogd may lag a little)."""
+        needle = "TLS connection established from"
+        deadline = time.monotonic() + timeout
+        while (got := self.log_count(needle)) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if got < n:
+            raise RuntimeError(f"postfix: {got} '{needle}' lines in the maillog for {n} messages")
+        first = next((ln for ln in self.maillog.read_text(errors="replace").splitlines() if needle in ln), "")
+        m = re.search(r"established from \S+: (\S+) with cipher (\S+)", first)
+        return {"tls_sessions_logged": got, "server_tls_version": m.group(1) if m else None,
+                "server_tls_cipher": m.group(2) if m else None}
+
+    def check_signed(self, key: Path) -> dict:
+        """One queued message (from ``postqueue -j``, read with ``postcat``)
+        carries a DKIM-Signature with d=bench.example that verifies."""
+        r = subprocess.run([POSTQUEUE, "-c", str(self.etc), "-j"], capture_output=True, text=True, check=False)
+        ids = [json.loads(ln)["queue_id"] for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if not ids:
+            raise RuntimeError(f"postfix: postqueue -j lists no message: {r.stdout[:500]}{r.stderr[:500]}")
+        qid = ids[len(ids) // 2]
+        r = subprocess.run([POSTCAT, "-c", str(self.etc), "-h", "-b", "-q", qid], capture_output=True,
+                           text=True, errors="surrogateescape", check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"postfix: postcat -q {qid} failed: {r.stderr[:500]}")
+        return signed_check("postfix", qid, r.stdout, key)
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -404,11 +744,19 @@ class Sluice:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, mode: str, relay_port: int) -> None:
+    def start(self, mode: str, relay_port: int, tls: tuple[Path, Path] | None = None,
+              dkim_key: Path | None = None) -> None:
+        """``tls``: (certificate, key) for STARTTLS (otherwise Sluice's own
+        self-signed one, unused by smtp-source's HELO sessions);
+        ``dkim_key``: sign mail from bench.example with it."""
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
         self.base.mkdir(parents=True)
         config = self.base / "sluice.toml"
+        smtp_tls = (f'tls_certificate = "{tls[0]}"\ntls_private_key = "{tls[1]}"\n'
+                    if tls is not None else "")
+        dkim = (f'[dkim."{DOMAIN}"]\nselector = "{SELECTOR}"\nkey_file = "{dkim_key}"\n'
+                f'algorithm = "rsa-sha256"\n' if dkim_key is not None else "")
         config.write_text(f"""\
 [server]
 data_dir = "{self.data}"
@@ -416,13 +764,13 @@ node_name = "bench"
 [smtp]
 listen = ["127.0.0.1:{self.port}"]
 hostname = "sluice-bench.example"
-[http]
+{smtp_tls}[http]
 listen = ["127.0.0.1:{self.http_port}"]
 [queue]
 retry_interval = "1h"
 [routes]
 "{DOMAIN}" = "127.0.0.1:{relay_port}"
-""")
+{dkim}""")
         out = self.base.parent / f"sluice-serve-{len(self.outputs)}.out"
         self.outputs.append(out)
         self._out = open(out, "wb")
@@ -451,13 +799,53 @@ retry_interval = "1h"
 
     def settle(self, expect: int, timeout: float = 300.0) -> float:
         t0 = time.perf_counter()
+        last, since = None, t0
         while True:
             n = self.queued()
             if n >= expect:
                 return time.perf_counter() - t0
-            if time.perf_counter() - t0 > timeout:
+            now = time.perf_counter()
+            if n != last:
+                last, since = n, now
+            if now - t0 > timeout or now - since > 15:
                 raise RuntimeError(f"sluice did not settle: {n} scheduled of {expect}")
             time.sleep(0.2)
+
+    def reception_records(self, n: int, timeout: float = 30.0) -> list[bytes]:
+        """The Reception records of the run, once there are ``n`` (the log
+        writer may lag behind the spool a little)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = []
+            for path in sorted((self.data / "logs").glob("*.jsonl")):
+                with open(path, "rb") as fh:
+                    recs += [ln for ln in fh if b'"type":"Reception"' in ln]
+            if len(recs) >= n or time.monotonic() > deadline:
+                return recs
+            time.sleep(0.2)
+
+    def check_tls(self, n: int) -> dict:
+        """Every message of the run came over TLS: each Reception record has
+        ``tls_protocol_version``."""
+        recs = self.reception_records(n)
+        tls = [r for r in recs if b'"tls_protocol_version"' in r]
+        if len(recs) < n or len(tls) < len(recs):
+            raise RuntimeError(f"sluice: {len(recs)} Reception records for {n} messages, "
+                               f"{len(tls)} with tls_protocol_version")
+        first = json.loads(tls[0])
+        return {"tls_sessions_logged": len(tls), "server_tls_version": first.get("tls_protocol_version"),
+                "server_tls_cipher": first.get("tls_cipher")}
+
+    def check_signed(self, key: Path) -> dict:
+        """One queued message (its id from a Reception record, its body from
+        inspect-message) carries a DKIM-Signature with d=bench.example that
+        verifies."""
+        recs = self.reception_records(1)
+        if not recs:
+            raise RuntimeError("sluice: no Reception record in the logs")
+        msg_id = json.loads(recs[len(recs) // 2])["id"]
+        got = self.api("GET", f"/api/admin/inspect-message/v1?id={msg_id}&want_body=true")
+        return signed_check("sluice", msg_id, got.get("body") or "", key)
 
     def cpu(self) -> float:
         # the main process and its reception and delivery processes
@@ -519,22 +907,64 @@ class Meter:
         return round(self.busy - (self.mta_cpu + client_cpu) / self.seconds, 2)
 
 
-def accept(mta, args, work: Path, pids: Pids, n: int, size: int, dead_port: int) -> dict:
-    mta.start("held", dead_port)
+def accept(mta, args, work: Path, pids: Pids, n: int, size: int, dead_port: int,
+           variant: str = "plain", keys: dict | None = None) -> dict:
+    """Accept rate with the mail held. ``variant``: "plain" (smtp-source),
+    "tls" (tls_source.py, STARTTLS on every connection, with ``keys["tls"]``)
+    or "dkim" (smtp-source; the MTA signs with ``keys["dkim"]``). The tls and
+    dkim variants check afterwards that the run really was encrypted / signed."""
+    keys = keys or {}
+    mta.start("held", dead_port, tls=keys.get("tls") if variant == "tls" else None,
+              dkim_key=keys.get("dkim") if variant == "dkim" else None)
     wait_quiet(args.quiet, args.patience)
-    with Meter(mta) as m:
-        src = Source(mta.port, n, size, args.sessions, work / f"source-{mta.name}-{size}.out", pids)
-        src.wait()
-    src.check()
+    tag = {"plain": str(size), "tls": "tls", "dkim": "dkim"}[variant]
+    out = work / f"source-{mta.name}-{tag}.out"
+    milter0 = mta.milter_cpu() if isinstance(mta, Postfix) else 0.0
+    if variant == "tls":
+        src = TlsSource(mta.port, n, size, args.sessions, out, pids)
+        try:
+            with Meter(mta) as m:
+                src.go()
+                src.wait()
+        except BaseException:
+            src.kill()
+            raise
+        src.check(n)
+    else:
+        with Meter(mta) as m:
+            src = Source(mta.port, n, size, args.sessions, out, pids)
+            src.wait()
+        src.check()
+        if variant == "dkim":
+            # a refused message (the milter's tempfail) is fatal to smtp-source (exit 1,
+            # caught by check()); any warning it printed fails the figure too
+            bad = [ln for ln in out.read_text(errors="replace").splitlines()
+                   if re.search(r"\b(warning|error|fatal):", ln)]
+            if bad:
+                raise RuntimeError(f"{mta.name}: smtp-source: " + "\n".join(bad[:10]))
+    milter_cpu = (mta.milter_cpu() if isinstance(mta, Postfix) else 0.0) - milter0
     settle = mta.settle(n)
     queued = mta.queued()
     rss = mta.rss_mb()
+    checked: dict = {}
+    if variant == "tls":
+        checked = {**mta.check_tls(n), "client": "tls_source.py", "client_loop": src.result.get("loop"),
+                   "client_tls_version": src.result.get("tls_version"),
+                   "client_tls_cipher": src.result.get("tls_cipher"),
+                   "client_cpu_total_s": round(src.cpu_total, 2)}
+    elif variant == "dkim":
+        checked = mta.check_signed(keys["dkim"])
+        if isinstance(mta, Postfix):
+            checked["milter_cpu_s"] = round(milter_cpu, 1)
+            checked["milter_cores"] = round(milter_cpu / m.seconds, 2)
     mta.stop()
     return {"n": n, "size": size, "seconds": round(src.elapsed, 3), "rate": round(n / src.elapsed, 1),
             "mta_cpu_s": round(m.mta_cpu, 1), "mta_cpu_ms_per_msg": round(m.mta_cpu / n * 1000, 3),
-            "client_cpu_s": round(src.cpu, 2), "machine_busy_cores": round(m.busy, 2),
+            "client_cpu_s": round(src.cpu, 2), "client_cpu_ms_per_msg": round(src.cpu / n * 1000, 3),
+            "machine_busy_cores": round(m.busy, 2), "mta_cores": round(m.mta_cpu / m.seconds, 2),
+            "client_cores": round(src.cpu / m.seconds, 2),
             "other_load_cores": m.other(src.cpu), "settled_after_s": round(settle, 2),
-            "queued": queued, "rss_mb": round(rss, 1)}
+            "queued": queued, "rss_mb": round(rss, 1), **checked}
 
 
 def relay(mta, args, work: Path, pids: Pids, n: int, size: int) -> dict:
@@ -688,6 +1118,8 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--n10k", type=int, default=20000, help="10 KB messages for the accept figure")
     ap.add_argument("--n100k", type=int, default=5000, help="100 KB messages for the accept figure")
+    ap.add_argument("--n-tls", type=int, default=10000, help="10 KB messages for the accept-tls figure")
+    ap.add_argument("--n-dkim", type=int, default=10000, help="10 KB messages for the accept-dkim figure")
     ap.add_argument("--relay-n", type=int, default=10000, help="10 KB messages relayed to smtp-sink")
     ap.add_argument("--purge-n", type=int, default=100000, help="messages queued, then purged")
     ap.add_argument("--purge-size", type=int, default=1024, help="smtp-source -l for the purge fill")
@@ -702,9 +1134,15 @@ def main() -> int:
                     help="measure only one of them (the table then has no ratio)")
     ap.add_argument("--hold", type=float, default=0.0,
                     help="seconds to wait after starting each MTA, e.g. to attach py-spy (pid in the log)")
-    ap.add_argument("--only", default="accept10k,accept100k,relay,purge",
-                    help="comma-separated subset of accept10k,accept100k,relay,purge")
+    ap.add_argument("--only", default=",".join(FIGURES),
+                    help="comma-separated subset of " + ",".join(FIGURES))
     args = ap.parse_args()
+    only = {f.strip() for f in args.only.split(",") if f.strip()}
+    if not only or only - set(FIGURES):
+        ap.error(f"--only: unknown figure(s) {', '.join(sorted(only - set(FIGURES))) or '(none given)'};"
+                 f" choose from {','.join(FIGURES)}")
+    if "accept-dkim" in only and args.mta in ("both", "postfix") and not os.access(OPENDKIM, os.X_OK):
+        ap.error(f"accept-dkim needs {OPENDKIM} for Postfix (Debian package opendkim; peer_postfix.sh installs it)")
 
     def _terminate(signum, frame):  # run the finally blocks, which stop the MTAs
         raise SystemExit(128 + signum)
@@ -716,7 +1154,6 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
     pids = Pids(work / "pids")
-    only = set(args.only.split(","))
     dead_port = free_port()
     postfix = Postfix(work, free_port(), pids)
     sluice = Sluice(work, free_port(), free_port(), pids)
@@ -739,7 +1176,21 @@ def main() -> int:
 
     res: dict[str, dict[str, dict]] = {}
     mtas = [m for m in (postfix, sluice) if args.mta in ("both", m.name)]
+    own_keydir = None
     try:
+        # The private keys (one TLS pair, one DKIM key, each shared by both
+        # MTAs) and opendkim's config go in a root-only directory with no
+        # world-writable one above it: opendkim checks the whole path, and
+        # /var/tmp would fail. peer_postfix.sh makes it (PEER_KEYDIR).
+        keydir = Path(os.environ["PEER_KEYDIR"]) if os.environ.get("PEER_KEYDIR") else None
+        if keydir is None and only & {"accept-tls", "accept-dkim"}:
+            keydir = own_keydir = Path(tempfile.mkdtemp(prefix="peer-postfix-keys.", dir="/run"))
+        keys: dict = {}
+        if "accept-tls" in only:
+            keys["tls"] = make_tls_pair(keydir)
+        if "accept-dkim" in only:
+            keys["dkim"] = make_dkim_key(keydir)
+
         def best_of(key: str, mta, run) -> None:
             """Keep the fastest of the rounds (the least disturbed by other
             work on the machine); every round's rate and other load is kept."""
@@ -752,12 +1203,17 @@ def main() -> int:
             mine[mta.name]["runs"] = runs
 
         for round_ in range(1, args.repeat + 1):
-            for key, size, n in (("accept10k", 10240, args.n10k), ("accept100k", 102400, args.n100k)):
+            for key, size, n, variant in (("accept10k", 10240, args.n10k, "plain"),
+                                          ("accept100k", 102400, args.n100k, "plain"),
+                                          ("accept-tls", 10240, args.n_tls, "tls"),
+                                          ("accept-dkim", 10240, args.n_dkim, "dkim")):
                 if key not in only:
                     continue
                 for mta in mtas:
-                    log(f"{mta.name}: accept {n} x {size} B, {args.sessions} sessions, held (round {round_})")
-                    best_of(key, mta, lambda m=mta, n=n, size=size: accept(m, args, work, pids, n, size, dead_port))
+                    what = {"plain": "", "tls": ", STARTTLS", "dkim": ", DKIM-signed"}[variant]
+                    log(f"{mta.name}: accept {n} x {size} B{what}, {args.sessions} sessions, held (round {round_})")
+                    best_of(key, mta, lambda m=mta, n=n, size=size, v=variant:
+                            accept(m, args, work, pids, n, size, dead_port, v, keys))
             if "relay" in only:
                 for mta in mtas:
                     log(f"{mta.name}: relay {args.relay_n} x 10240 B to smtp-sink (round {round_})")
@@ -772,13 +1228,23 @@ def main() -> int:
                 mta.stop()
             except Exception as exc:  # keep cleaning up
                 log(f"stopping {mta.name}: {exc}")
+        if own_keydir is not None:
+            shutil.rmtree(own_keydir, ignore_errors=True)
 
     print()
     print(f"Sluice {sl_version} ({info['commit']}) vs Postfix {pf_version}; smtp-source -s {args.sessions},"
           f" one connection per message; {info['nproc']} cores; spool on {info['fs']};"
           f" idle load before {info['idle_load_cores']} cores")
+    if "accept-tls" in res:
+        any_tls = next(iter(res["accept-tls"].values()))
+        print(f"accept-tls: bench/tls_source.py -s {args.sessions} ({any_tls.get('client_loop')}), EHLO + STARTTLS,"
+              f" a full handshake per message, {any_tls.get('client_tls_version')}"
+              f" {any_tls.get('client_tls_cipher')}, ECDSA P-256 certificate")
+    if "accept-dkim" in res:
+        print("accept-dkim: smtp-source; rsa-sha256 2048 bits, relaxed/relaxed; Postfix through OpenDKIM"
+              " (milter), Sluice at reception")
     print()
-    head = f"{'figure':<44} {'Postfix':>10} {'Sluice':>10} {'Sluice/Postfix':>15}"
+    head = f"{'figure':<48} {'Postfix':>10} {'Sluice':>10} {'Sluice/Postfix':>15}"
     print(head)
     print("-" * len(head))
     rows = []
@@ -791,23 +1257,38 @@ def main() -> int:
         rows.append({"figure": label, "postfix": p, "sluice": s, "unit": unit,
                      "ratio": round(s / p, 3) if p and s else None, "better": better})
         cell = lambda v: f"{v:>10.1f}" if v is not None else f"{'-':>10}"
-        print(f"{label:<44} {cell(p)} {cell(s)} {fmt_ratio(s, p) if p and s else '-':>15}")
+        print(f"{label:<48} {cell(p)} {cell(s)} {fmt_ratio(s, p) if p and s else '-':>15}")
 
     if "accept10k" in res:
         row(f"accept 10 KB, held (msg/s, n={args.n10k})", "accept10k", "rate", "msg/s", "higher")
     if "accept100k" in res:
         row(f"accept 100 KB, held (msg/s, n={args.n100k})", "accept100k", "rate", "msg/s", "higher")
+    if "accept-tls" in res:
+        row(f"accept 10 KB, STARTTLS, held (msg/s, n={args.n_tls})", "accept-tls", "rate", "msg/s", "higher")
+    if "accept-dkim" in res:
+        row(f"accept 10 KB, DKIM-signed, held (msg/s, n={args.n_dkim})", "accept-dkim", "rate", "msg/s", "higher")
     if "relay" in res:
         row("relay 10 KB to smtp-sink, end to end (msg/s)", "relay", "rate", "msg/s", "higher")
     if "purge" in res:
         row(f"purge {args.purge_n} queued (s, lower is better)", "purge", "seconds", "s", "lower")
     print()
+    print("where the cores went during the accept figures (best round; busy = MTA + load generator + other):")
+    for key in ("accept10k", "accept100k", "accept-tls", "accept-dkim"):
+        for name in ("postfix", "sluice"):
+            r = res.get(key, {}).get(name)
+            if r:
+                milter = f" (of which OpenDKIM {r['milter_cores']:.2f})" if "milter_cores" in r else ""
+                print(f"  {key:<11} {name:<7} {r['machine_busy_cores']:.2f} of {info['nproc']} cores busy ="
+                      f" MTA {r['mta_cores']:.2f}{milter} + client {r['client_cores']:.2f}"
+                      f" ({r['client_cpu_ms_per_msg']:.2f} ms/msg) + other {r['other_load_cores']:.2f};"
+                      f" MTA {r['mta_cpu_ms_per_msg']:.2f} ms/msg")
+    print()
     print(f"details (best of {args.repeat} rounds for accept and relay, \"runs\" = [rate, other load] of each;"
           " CPU seconds over the measured interval; MTA = all its processes):")
-    for key in ("accept10k", "accept100k", "relay", "purge"):
+    for key in FIGURES:
         for name in ("postfix", "sluice"):
             if name in res.get(key, {}):
-                print(f"  {key:<10} {name:<7} {json.dumps(res[key][name], separators=(',', ':'))}")
+                print(f"  {key:<11} {name:<7} {json.dumps(res[key][name], separators=(',', ':'))}")
     problems = {"postfix": postfix.log_problems()[:20], "sluice": sluice.log_problems()[:20]}
     for name, lines in problems.items():
         print(f"  {name} log warnings/errors: {len(lines)}" + "".join(f"\n    {ln}" for ln in lines[:10]))

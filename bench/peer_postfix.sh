@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Sluice side by side with Postfix, same load generator (Postfix's smtp-source).
+# Sluice side by side with Postfix, same load generator (Postfix's smtp-source;
+# bench/tls_source.py for the STARTTLS figure, which smtp-source cannot do).
+# Figures: accept10k, accept100k (mail held in the queue), accept-tls (the same
+# with STARTTLS on every connection, one certificate for both), accept-dkim
+# (every message DKIM-signed: Sluice's [dkim], Postfix through an OpenDKIM
+# milter), relay (end to end to smtp-sink), purge (100,000 queued).
 #
-#   bench/peer_postfix.sh                 # the whole run (about 10 minutes)
+#   bench/peer_postfix.sh                 # the whole run (about 15 minutes)
 #   bench/peer_postfix.sh --only relay    # one figure; options go to peer_postfix.py
+#   bench/peer_postfix.sh --only accept-tls --n-tls 3000 --repeat 1   # a quick one
 #   KEEP=1 bench/peer_postfix.sh          # keep the work dir (spools, logs, outputs)
 #   SLUICE_REF=HEAD bench/peer_postfix.sh # measure a commit's src/ (git archive into the
 #                                         # work dir, put first on PYTHONPATH), not the work tree
 #
-# Installs Postfix from Debian if absent (debconf: "No configuration", so the
-# default instance stays unconfigured and is not started), then runs
-# bench/peer_postfix.py, which starts a private Postfix instance (its own
-# config dir, queue dir and log file under the work dir, 127.0.0.1 only) and
-# its own `sluice serve`. Whatever happens, the trap stops that Postfix
-# instance and every process the run started, and removes the work dir.
-# Must run as root (postfix start, smtp-sink -u nobody).
+# Installs Postfix and OpenDKIM from Debian if absent (debconf: "No
+# configuration", so Postfix's default instance stays unconfigured; services
+# are kept from starting during the install, so no system opendkim runs), then
+# runs bench/peer_postfix.py, which starts a private Postfix instance (its own
+# config dir, queue dir and log file under the work dir, 127.0.0.1 only), for
+# accept-dkim a private opendkim in the foreground (127.0.0.1 only; its config
+# file and the keys in a root-only dir under /run, see below), and its own
+# `sluice serve`. Whatever happens, the trap stops that Postfix instance and
+# every process the run started, and removes the work dir and the key dir.
+# Must run as root (postfix start, smtp-sink -u nobody, opendkim reading the
+# root-owned key).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,20 +35,39 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 
-need_install=0
-for f in /usr/sbin/postfix /usr/sbin/postsuper /usr/sbin/postconf /usr/sbin/smtp-source /usr/sbin/smtp-sink; do
-    [ -x "$f" ] || need_install=1
+need=()
+for f in /usr/sbin/postfix /usr/sbin/postsuper /usr/sbin/postconf /usr/sbin/postqueue /usr/sbin/postcat \
+         /usr/sbin/smtp-source /usr/sbin/smtp-sink; do
+    [ -x "$f" ] || { need+=(postfix); break; }
 done
-if [ "$need_install" = 1 ]; then
-    echo "installing postfix from Debian ..." >&2
+[ -x /usr/sbin/opendkim ] || need+=(opendkim)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]} from Debian ..." >&2
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    # No service starts during the install (invoke-rc.d asks policy-rc.d):
+    # a system opendkim left running would share the machine with the run.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >&2
+    rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >&2 || rc=$?
+    if [ -n "$policy" ]; then rm -f "$policy"; trap - EXIT; fi
+    [ "$rc" = 0 ] || exit "$rc"
 fi
 [ -x "$py" ] || { echo "no python at $py (make the venv first, or set PYTHON)" >&2; exit 2; }
 
 work="$(mktemp -d "${WORKDIR:-/var/tmp}/peer-postfix.XXXXXX")"
 chmod 755 "$work"
+# The private keys (TLS, DKIM) and opendkim's config: opendkim refuses files
+# with a world-writable directory (/var/tmp) anywhere above them, so they get
+# a root-only directory in /run.
+keys="$(mktemp -d /run/peer-postfix-keys.XXXXXX)"
+export PEER_KEYDIR="$keys"
 
 cleanup() {
     local rc=$?
@@ -54,7 +83,8 @@ cleanup() {
         postfix -c "$work/postfix/etc" stop >/dev/null 2>&1 || postfix -c "$work/postfix/etc" abort >/dev/null 2>&1 || true
     fi
     # Every process the run started and has not reaped (sluice serve,
-    # smtp-sink, smtp-source, the Postfix master), listed as "pid starttime";
+    # smtp-sink, smtp-source, tls_source.py, opendkim, the Postfix master),
+    # listed as "pid starttime";
     # a pid is signalled only while its start time still matches.
     if [ -f "$work/pids" ]; then
         local sig pid start
@@ -68,9 +98,9 @@ cleanup() {
         done
     fi
     if [ -n "${KEEP:-}" ]; then
-        echo "work dir kept: $work" >&2
+        echo "work dir kept: $work (keys: $keys)" >&2
     else
-        rm -rf "$work"
+        rm -rf "$work" "$keys"
     fi
     exit "$rc"
 }
