@@ -272,7 +272,17 @@ def parse_rate(value: Any) -> float:
     return float(m.group(1)) / _RATE_UNIT[m.group(2)]
 
 
-PerSecond = Annotated[float, BeforeValidator(parse_rate)]
+def _rate(value: Any) -> float:
+    # A number is per second (as a duration's number is seconds): what the
+    # settings are written as when they go to a child process (JSON).
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < value < float("inf"):
+            raise ValueError("must be above 0")
+        return float(value)
+    return parse_rate(value)
+
+
+PerSecond = Annotated[float, BeforeValidator(_rate)]
 
 AUTOMATION_ACTIONS = ("suspend", "suspend_tenant", "suspend_campaign",
                       "bounce", "bounce_tenant", "bounce_campaign")

@@ -103,6 +103,14 @@ class Figures(Message):
     """Per-site figures of the ready queues; answered with a dict."""
 
 
+class Throttle(Message):
+    """Hold site ``site``'s message rate to at most ``rate`` per second until
+    the unix time ``until`` (``DeliveryPort.throttle``)."""
+    site: str
+    rate: float
+    until: float
+
+
 # delivery process -> main
 class Outcome(Message):
     """The fate of one message: delivered, bounced, failed or stopped (by a rule)."""
@@ -113,7 +121,8 @@ class Outcome(Message):
     count_attempt: bool = True
 
 
-AnyMessage = Union[Ready, Stop, Accept, Records, PushRules, Dispatch, Withdraw, Figures, Outcome]
+AnyMessage = Union[Ready, Stop, Accept, Records, PushRules, Dispatch, Withdraw, Figures, Throttle,
+                   Outcome]
 
 
 # -- the channel ------------------------------------------------------------

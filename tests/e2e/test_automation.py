@@ -172,3 +172,42 @@ def test_bad_automation_config_stops_the_server_naming_the_key(make_serve, extra
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "bad configuration" in r.stderr and key in r.stderr
+
+
+def test_a_rate_action_holds_the_site_to_that_rate_as_queue_summary_shows(
+        make_serve, sinks, tmp_path):
+    sink = RespondingSink(tmp_path, {"throttled.example": TSS04})
+    sinks.append(sink)
+    srv = make_serve(routes={"throttled.example": f"127.0.0.1:{sink.port}"},
+                     queue='retry_interval = "1h"',
+                     extra=automation("throttled.example", "max_message_rate=1/m", "1h")).start()
+    srv.send(["t@throttled.example"])
+
+    def throttled() -> dict | None:
+        ready = json.loads(srv.kcli("queue-summary", "--json", check=True).stdout)["ready"]
+        return next((s for s in ready.values() if s["throttled_until"]), None)
+
+    site = wait_for(throttled)
+    assert site["message_rate_limit"] == pytest.approx(1 / 60)
+    assert site["throttled_until"] > 3000 + _when(srv.records("TransientFailure")[0]["event_time"])
+    table = srv.kcli("queue-summary", check=True).stdout
+    assert "1/m until" in table
+    # a rate action makes no rule
+    assert srv.api("GET", "/api/admin/suspend/v1").json() == []
+    assert srv.api("GET", "/api/admin/bounce/v1").json() == []
+
+
+def test_the_readme_example_is_a_valid_configuration_that_matches_tss04():
+    import re
+    import tomllib
+
+    from sluice.config import settings_from_dict
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Automatic rules\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```toml\n(.*?)```", section, re.S)[0]
+    settings = settings_from_dict(tomllib.loads(block))
+    (name, entry), (default_name, _) = settings.automation_for("yahoo.com")
+    assert (name, default_name) == ("yahoo.com#1", "default#1")
+    assert re.search(entry.regex, TSS04)
+    assert entry.threshold is not None and entry.threshold.count == 10

@@ -25,7 +25,10 @@ def test_queue_summary_and_metrics_agree(make_serve):
     assert summary["scheduled"] == {"c1:@example.com": 3, "t@yahoo.com": 1}
     assert srv.api("GET", "/metrics.json").json()["scheduled"] == summary["scheduled"]
     site = summary["ready"][next(iter(summary["ready"]))]
-    assert set(site) == {"delivered", "failed", "connections", "queued"}
+    assert set(site) == {"delivered", "failed", "connections", "queued", "max_connections",
+                         "max_deliveries_per_connection", "max_message_rate",
+                         "max_connection_rate", "message_rate_limit", "throttled_until", "rate"}
+    assert site["max_connections"] == 32 and site["max_message_rate"] is None
     assert site["failed"] >= 3 and site["delivered"] == 0
 
     table = srv.kcli("queue-summary", "--by-volume", check=True).stdout.splitlines()

@@ -110,15 +110,19 @@ def wait_smtp(port: int, timeout: float = 30.0) -> None:
 class Sink:
     """A ``sluice sink`` subprocess that records what it accepted."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, stats: Path | None = None) -> None:
+        """``stats``: the sink rewrites this file every second with its
+        figures (``sluice sink --stats``)."""
         self.port = free_port()
         self.record = tmp / f"sink-{self.port}.jsonl"
+        self.stats = stats
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Sink:
         self.proc = subprocess.Popen(
             [BIN / "sluice", "sink", "--listen", f"127.0.0.1:{self.port}",
-             "--record", str(self.record)],
+             "--record", str(self.record),
+             *(["--stats", str(self.stats)] if self.stats is not None else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         wait_smtp(self.port)
         if self.proc.poll() is not None:  # what answered is another program

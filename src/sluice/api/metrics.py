@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CollectorRegistry, generate_latest
@@ -26,7 +27,7 @@ _COUNTERS = [
 
 
 class _Collector:
-    def __init__(self, svc, sites: dict[str, dict[str, int]]) -> None:
+    def __init__(self, svc, sites: dict[str, dict[str, Any]]) -> None:
         self.svc = svc
         self.sites = sites
 
@@ -45,11 +46,30 @@ class _Collector:
                               labels=["site"])
         conns = GaugeMetricFamily("sluice_connections", "Open delivery connections per site.",
                                   labels=["site"])
+        max_conns = GaugeMetricFamily("sluice_site_max_connections",
+                                      "Most delivery connections a site may have open.",
+                                      labels=["site"])
+        limit = GaugeMetricFamily("sluice_site_message_rate_limit",
+                                  "Messages per second a site may be sent now (a throttle's "
+                                  "rate while one lasts); absent without a limit.",
+                                  labels=["site"])
+        rate = GaugeMetricFamily("sluice_site_delivery_rate",
+                                 "Messages delivered to a site per second, over the last 10 s.",
+                                 labels=["site"])
         for name, site in self.sites.items():
             r.add_metric([name], site["queued"])
             conns.add_metric([name], site["connections"])
+            if "max_connections" in site:
+                max_conns.add_metric([name], site["max_connections"])
+            if site.get("message_rate_limit") is not None:
+                limit.add_metric([name], site["message_rate_limit"])
+            if "rate" in site:
+                rate.add_metric([name], site["rate"])
         yield r
         yield conns
+        yield max_conns
+        yield limit
+        yield rate
         total = GaugeMetricFamily("sluice_spool_messages", "Messages in the spool.")
         total.add_metric([], self.svc.spool.index.total())
         yield total

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -274,6 +275,17 @@ def suspend_cancel(client: Client, rule_id: str) -> None:
     click.echo(f"suspension {rule_id} cancelled")
 
 
+def format_rate(per_second: float | None) -> str:
+    """A rate as configured: ``50/s``, ``1000/m``, ``20000/h`` ("-": no limit)."""
+    if per_second is None:
+        return "-"
+    for unit, seconds in (("s", 1), ("m", 60), ("h", 3600)):
+        n = per_second * seconds
+        if n >= 1 and abs(n - round(n)) < 1e-6 * n:
+            return f"{round(n)}/{unit}"
+    return f"{per_second:.4g}/s"
+
+
 @cli.command("queue-summary")
 @click.option("--by-volume", is_flag=True, help="Largest queues first.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most N rows.")
@@ -282,7 +294,8 @@ def suspend_cancel(client: Client, rule_id: str) -> None:
 @click.pass_obj
 def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: str | None,
                   as_json: bool) -> None:
-    """Scheduled queues and ready queues per destination site."""
+    """Scheduled queues, and ready queues per destination site with its
+    limits ([shaping]) and the rate it is delivered at."""
     data = client.call("GET", "/metrics.json")
     scheduled = data["scheduled"]
     if domain:
@@ -296,10 +309,22 @@ def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: st
         click.echo(json.dumps({"scheduled": dict(rows), "ready": data["ready"]}, indent=2))
         return
     console = _console()
-    t = Table("SITE", "DELIVERED", "FAILED", "CONNECTIONS", "QUEUED", box=None)
+    # The site's limits ([shaping]): connections at most, messages per
+    # connection, message and connection rates; a throttle's rate and end
+    # while one lasts; the messages delivered per second over the last 10 s.
+    t = Table("SITE", "DELIVERED", "FAILED", "CONNECTIONS", "QUEUED", "MAX-CONN", "PER-CONN",
+              "MAX-RATE", "CONN-RATE", "THROTTLED", "RATE", box=None)
     for site, s in sorted(data["ready"].items()):
+        throttled = "-"
+        if s.get("throttled_until") is not None:
+            throttled = (f"{format_rate(s.get('message_rate_limit'))} until "
+                         f"{time.strftime('%H:%M:%SZ', time.gmtime(s['throttled_until']))}")
         t.add_row(site, str(s["delivered"]), str(s["failed"]), str(s["connections"]),
-                  str(s["queued"]))
+                  str(s["queued"]), str(s.get("max_connections", "-")),
+                  str(s.get("max_deliveries_per_connection", "-")),
+                  format_rate(s.get("max_message_rate")),
+                  format_rate(s.get("max_connection_rate")), throttled,
+                  f"{s['rate']:.1f}/s" if s.get("rate") is not None else "-")
     console.print(t)
     console.print()
     t = Table("QUEUE", "COUNT", box=None)

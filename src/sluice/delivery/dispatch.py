@@ -17,14 +17,25 @@ mode (``tls``): domains that share MX hosts share connections only when
 their mail needs the same TLS, so mail whose domain requires TLS never
 rides a connection that did without it. With ``[tls]`` empty (or naming
 only the default mode) every message takes the default without a lookup.
+
+Shaping: a site takes its limits (``Settings.limits_for``) from the domain
+of the message that created it. As in KumoMTA, limits hold per site, so
+domains that share MX hosts share the first one's limits (and a site's TLS
+variants each hold them). Delivery runs in one process, so the limits hold
+for the node whatever the number of reception processes. ``throttle``
+lowers a site's message rate for a while (the automation engine's
+``max_message_rate=`` action); the dispatcher remembers it for the sites
+made while it lasts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Settings
 from ..logs import NO_ATTEMPT, Attempt, Response, internal_error
@@ -83,10 +94,32 @@ class DeliveryPort(Protocol):
     async def rules_changed(self, bounces: Sequence[Rule], suspensions: Sequence[Rule]) -> None:
         """Put these rules in force where mail is sent, before returning."""
 
-    async def figures(self) -> dict[str, dict[str, int]]: ...
+    async def throttle(self, site: str, rate: float, until: float) -> None:
+        """Lower site ``site``'s max_message_rate to ``rate`` (per second) until
+        the unix time ``until``: the lowest rate in force wins; after ``until``
+        the configured limit holds again. ``site`` is what records call
+        ``site`` (``NextHop.site``): every TLS variant of it is held, and so
+        are those made while the throttle lasts."""
+
+    async def figures(self) -> dict[str, dict[str, Any]]:
+        """Per ready queue (site, with `` tls=<mode>`` for a mode other than
+        the default): delivered, failed, connections, queued; the limits
+        (max_connections, max_deliveries_per_connection, max_message_rate,
+        max_connection_rate: per second, None when not set); the message rate
+        in force (``message_rate_limit``, a throttle's while it lasts, until
+        ``throttled_until``, a unix time, else None); and ``rate``, the
+        messages delivered per second over the last 10 s."""
 
     async def stop(self, grace: float) -> list[Stored]:
         """Stop after sends under way end; returns what was not finished."""
+
+
+def check_throttle(rate: float, until: float) -> None:
+    """ValueError unless ``rate`` (per second) is above 0 and both are finite numbers."""
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+        raise ValueError(f"a throttle's rate must be a number above 0 (got {rate!r})")
+    if not (isinstance(until, (int, float)) and math.isfinite(until)):
+        raise ValueError(f"a throttle's end must be a unix time (got {until!r})")
 
 
 class Dispatcher:
@@ -101,6 +134,7 @@ class Dispatcher:
         # is not the default; the key names the site in ``figures``.
         self.sites: dict[str, Site] = {}
         self.parts: dict[str, QueueName] = {}  # of the queues of messages handed over
+        self.throttles: dict[str, dict[float, float]] = {}  # site name -> {rate: until}
 
     async def dispatch(self, msg: Stored, parts: QueueName) -> None:
         """Route ``msg`` to its site's ready queue (the rules were checked)."""
@@ -127,10 +161,35 @@ class Dispatcher:
             mode, key = tls.default, hop.site
         site = self.sites.get(key)
         if site is None:
-            d = self.settings.delivery
-            site = self.sites[key] = Site(hop, self.outcomes, d.connections_per_site,
-                                          d.messages_per_connection, tls, mode)
+            site = self.sites[key] = Site(hop, self.outcomes,
+                                          self.settings.limits_for(parts.domain), tls, mode)
+            for rate, until in self._throttles_of(hop.site).items():
+                site.throttle(rate, until)
         site.push(msg)
+
+    def _throttles_of(self, site: str) -> dict[float, float]:
+        """The throttles of ``site`` still in force (those that ended forgotten)."""
+        held = self.throttles.get(site)
+        if not held:
+            return {}
+        now = time.time()
+        for rate in [r for r, until in held.items() if until <= now]:
+            del held[rate]
+        if not held:
+            del self.throttles[site]
+            return {}
+        return dict(held)
+
+    async def throttle(self, site: str, rate: float, until: float) -> None:
+        check_throttle(rate, until)
+        if until <= time.time():
+            return
+        held = self.throttles.setdefault(site, {})
+        held[rate] = max(until, held.get(rate, until))
+        self._throttles_of(site)  # forget those that ended
+        for s in list(self.sites.values()):
+            if s.name == site:
+                s.throttle(rate, until)
 
     def take_matching(self, rule: Rule) -> list[Stored]:
         """Remove the waiting (not in-flight) messages ``rule`` selects, from every site."""
@@ -147,12 +206,11 @@ class Dispatcher:
     async def rules_changed(self, bounces: Sequence[Rule], suspensions: Sequence[Rule]) -> None:
         """Nothing to do here: the sites ask the main process's rules."""
 
-    async def figures(self) -> dict[str, dict[str, int]]:
-        """Per site: delivered, failed, open connections, messages waiting or in flight."""
-        return {name: {"delivered": s.delivered, "failed": s.failed,
-                       "connections": s.connections,
-                       "queued": len(s.queue) + len(s.in_flight)}
-                for name, s in list(self.sites.items())}
+    async def figures(self) -> dict[str, dict[str, Any]]:
+        """Per site: counts, limits and rates (see ``DeliveryPort.figures``)."""
+        for name in list(self.throttles):
+            self._throttles_of(name)  # forget those that ended
+        return {name: s.figures() for name, s in list(self.sites.items())}
 
     async def stop(self, grace: float) -> list[Stored]:
         """Stop the sites; returns the messages that were neither sent nor finished."""

@@ -6,7 +6,7 @@ the event loop; their fates come back and the queue manager records them.
 Until a fate is known, the message stays here (``out``). If the process
 dies, everything in ``out`` goes back to its queue (at least once: a
 message sent but not yet reported is sent again) and a new process starts,
-which gets the rules before any message.
+which gets the rules, and the throttles still in force, before any message.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..ipc import (
@@ -28,12 +29,14 @@ from ..ipc import (
     Ready,
     RemoteError,
     Stop,
+    Throttle,
     Withdraw,
     spawn,
     started,
 )
 from ..message import QueueName
 from ..spool import Stored
+from .dispatch import check_throttle
 
 if TYPE_CHECKING:
     from ..queues.manager import QueueManager
@@ -54,6 +57,8 @@ class DeliveryProcess:
         self.manager = manager
         self._bounces, self._suspensions = list(bounces), list(suspensions)
         self._rules_version = 0
+        self._throttles: dict[str, dict[float, float]] = {}  # site -> {rate: until}
+        self._throttles_version = 0
         self.out: dict[str, Stored] = {}  # handed over, fate not known yet
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: Channel | None = None
@@ -86,11 +91,14 @@ class DeliveryProcess:
             await self.proc.wait()
             raise RuntimeError(f"the delivery process did not start "
                                f"(exit status {self.proc.returncode})")
-        # The rules before any message; again if they changed meanwhile.
+        # The rules and the throttles in force before any message; again if
+        # they changed meanwhile.
         while True:
-            version = self._rules_version
+            version = (self._rules_version, self._throttles_version)
             await self.channel.call(self._rules_message(), timeout=RULES_TIMEOUT)
-            if version == self._rules_version:
+            for throttle in self._throttles_in_force():
+                await self.channel.call(throttle, timeout=RULES_TIMEOUT)
+            if version == (self._rules_version, self._throttles_version):
                 break
         self._up = True
         self._schedule_flush()
@@ -226,12 +234,50 @@ class DeliveryProcess:
                 self.proc.kill()
             await self.proc.wait()
 
-    async def figures(self) -> dict[str, dict[str, int]]:
+    def _throttles_in_force(self) -> list[Throttle]:
+        """The throttles that have not ended (those that have are forgotten)."""
+        now = time.time()
+        out = []
+        for site, held in list(self._throttles.items()):
+            for rate, until in list(held.items()):
+                if until <= now:
+                    del held[rate]
+                else:
+                    out.append(Throttle(site=site, rate=rate, until=until))
+            if not held:
+                del self._throttles[site]
+        return out
+
+    async def throttle(self, site: str, rate: float, until: float) -> None:
+        """Lower ``site``'s message rate in the delivery process until ``until``
+        (see ``DeliveryPort.throttle``); remembered, and sent again to a new
+        delivery process before any message while it lasts."""
+        check_throttle(rate, until)
+        if until <= time.time():
+            return
+        held = self._throttles.setdefault(site, {})
+        held[rate] = max(until, held.get(rate, until))
+        self._throttles_version += 1
+        self._throttles_in_force()  # forget those that ended
+        if not self._up or self.channel is None:
+            return  # a process starting gets it before any message
+        try:
+            await self.channel.call(Throttle(site=site, rate=rate, until=until),
+                                    timeout=RULES_TIMEOUT)
+        except ChannelClosed:
+            pass  # the process is gone: its replacement gets it
+        except TimeoutError:
+            log.warning("the delivery process did not confirm the throttle of %s within "
+                        "%.0f s", site, RULES_TIMEOUT)
+        except RemoteError:
+            log.exception("the delivery process refused the throttle of %s", site)
+
+    async def figures(self) -> dict[str, dict[str, Any]]:
         if not self._up or self.channel is None:
             return {}
         try:
             return await self.channel.call(Figures(), timeout=5.0,
-                                           returns=dict[str, dict[str, int]])
+                                           returns=dict[str, dict[str, Any]])
         except (ChannelClosed, TimeoutError, RemoteError):
             return {}
 

@@ -10,6 +10,14 @@ exception included.
 
 A site's connections all use one TLS mode (``tls``): the dispatcher keeps a
 site per next hop and mode.
+
+Shaping (``[shaping]``, ``SiteLimits``): a site keeps at most
+``max_connections`` connections, each for at most
+``max_deliveries_per_connection`` messages and closed after
+``idle_timeout`` without one; ``max_message_rate`` spaces the sends of the
+whole site (every connection) and ``max_connection_rate`` the opening of
+connections (``shaping.RateLimiter``). Without a rate, no limiter is
+awaited. ``throttle`` lowers the message rate for a while.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,10 +33,11 @@ from typing import TYPE_CHECKING
 from ..logs import internal_error
 from ..spool import Stored
 from .routes import NextHop
+from .shaping import RateLimiter, RateMeter
 from .smtp import Connection, DeliveryError, Stopped
 
 if TYPE_CHECKING:
-    from ..config import TlsMode
+    from ..config import SiteLimits, TlsMode
     from .dispatch import Outcomes
     from .tls import TlsPolicy
 
@@ -35,18 +45,20 @@ log = logging.getLogger(__name__)
 
 
 class Site:
-    IDLE_SECONDS = 5.0
-
-    def __init__(self, hop: NextHop, outcomes: Outcomes, max_connections: int,
-                 per_connection: int, tls: TlsPolicy, tls_mode: TlsMode) -> None:
+    def __init__(self, hop: NextHop, outcomes: Outcomes, limits: SiteLimits,
+                 tls: TlsPolicy, tls_mode: TlsMode) -> None:
         self.name = hop.site
         self.hop = hop
         self.tls = tls
         self.tls_mode = tls_mode
         self.outcomes = outcomes
         self.queue: deque[Stored] = deque()
-        self.max_connections = max_connections
-        self.per_connection = per_connection
+        self.limits = limits
+        self.max_connections = limits.max_connections
+        self.per_connection = limits.max_deliveries_per_connection
+        self.message_rate = RateLimiter(limits.max_message_rate)
+        self.connection_rate = RateLimiter(limits.max_connection_rate)
+        self.meter = RateMeter()
         self.connections = 0
         self.idle = 0
         self.delivered = 0
@@ -54,6 +66,7 @@ class Site:
         self.in_flight: dict[str, Stored] = {}
         self._ready = asyncio.Condition()
         self._tasks: set[asyncio.Task] = set()
+        self._waiting_slot: set[asyncio.Task] = set()  # connection tasks waiting for a slot
         self._stopping = False
 
     def push(self, msg: Stored) -> None:
@@ -88,7 +101,7 @@ class Site:
             try:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._ready.wait_for(lambda: bool(self.queue) or self._stopping),
-                                           self.IDLE_SECONDS)
+                                           self.limits.idle_timeout)
             finally:
                 self.idle -= 1
         if self.queue and not self._stopping:
@@ -128,9 +141,43 @@ class Site:
                 task.add_done_callback(self._tasks.discard)
 
     def _connection(self) -> Connection:
-        d = self.outcomes.settings.delivery
-        return Connection(self.outcomes.settings.smtp.hostname, d.connect_timeout,
-                          d.command_timeout, self.tls, self.tls_mode)
+        s = self.outcomes.settings
+        return Connection(s.smtp.hostname, self.limits.connect_timeout,
+                          s.delivery.command_timeout, self.tls, self.tls_mode)
+
+    async def _slot(self, limiter: RateLimiter) -> None:
+        """Wait for ``limiter``'s next slot (``stop`` cancels the wait)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting_slot.add(task)
+        try:
+            await limiter.acquire()
+        finally:
+            self._waiting_slot.discard(task)
+
+    def throttle(self, rate: float, until: float) -> None:
+        """Hold the message rate to at most ``rate`` per second until the unix
+        time ``until`` (the configured rate holds again after)."""
+        self.message_rate.throttle(rate, time.monotonic() + (until - time.time()))
+
+    def figures(self) -> dict[str, int | float | None]:
+        """Counts, limits, the message rate in force and the rate delivered."""
+        lim = self.limits
+        throttled = self.message_rate.throttled()
+        return {
+            "delivered": self.delivered, "failed": self.failed,
+            "connections": self.connections, "queued": len(self.queue) + len(self.in_flight),
+            "max_connections": lim.max_connections,
+            "max_deliveries_per_connection": lim.max_deliveries_per_connection,
+            "max_message_rate": lim.max_message_rate,
+            "max_connection_rate": lim.max_connection_rate,
+            # the limit in force: a throttle's while it lasts
+            "message_rate_limit": self.message_rate.rate(),
+            "throttled_until": (round(time.time() + (throttled[1] - time.monotonic()), 3)
+                                if throttled else None),
+            # delivered per second over the last 10 s
+            "rate": self.meter.rate(),
+        }
 
     async def _handle(self, conn: Connection, msg: Stored) -> Connection:
         """Send ``msg`` (in flight) over ``conn`` or a new connection; returns the
@@ -139,9 +186,18 @@ class Site:
         if not await m.may_dispatch(msg):
             self.in_flight.pop(msg.id, None)
             return conn
+        limiter = self.message_rate
+        early = False
+        if limiter.limited and limiter.expected_wait() > self.limits.idle_timeout:
+            # A long wait (a low rate, or a throttle): not on an idle connection.
+            await conn.close()
+            await self._slot(limiter)
+            early = True
         if not conn.is_open or conn.sent >= self.per_connection:
             await conn.close()
             conn = self._connection()
+            if self.connection_rate.limited:
+                await self._slot(self.connection_rate)
             try:
                 await conn.open(self.hop.hosts)
             except DeliveryError as exc:
@@ -154,6 +210,12 @@ class Site:
                 for f in failing:
                     await m.attempt_failed(f, exc.response, attempt)
                 return conn
+        if limiter.limited and not early:
+            try:
+                await self._slot(limiter)
+            except asyncio.CancelledError:  # stopping: this connection is ours to close
+                await conn.close()
+                raise
         await self._send(conn, msg)
         return conn
 
@@ -180,6 +242,7 @@ class Site:
             return
         self.in_flight.pop(msg.id, None)
         self.delivered += 1
+        self.meter.add()
         await m.delivered(msg, resp, conn.attempt(self.name))
 
     async def stop(self, grace: float) -> list[Stored]:
@@ -188,6 +251,8 @@ class Site:
         Returns the messages that were neither sent nor finished.
         """
         self._stopping = True
+        for task in list(self._waiting_slot):  # nothing was sent for these yet
+            task.cancel()
         async with self._ready:
             self._ready.notify_all()
         left = list(self.queue)

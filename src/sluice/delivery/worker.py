@@ -13,6 +13,11 @@ Rules: the main process pushes every active bounce and suspend rule
 process has them; the check right before DATA uses them. Waiting mail that a
 new bounce rule selects is handed back when the main process asks
 (``Withdraw``).
+
+Shaping: the sites here hold the limits of ``[shaping]`` for the whole node
+(delivery runs only here). A throttle (``Throttle``) lowers a site's
+message rate for a while; the main process sends those still in force
+again to a new delivery process before any message.
 """
 
 from __future__ import annotations
@@ -23,7 +28,18 @@ import socket
 from typing import Any
 
 from ..config import Settings
-from ..ipc import Channel, Dispatch, Figures, Outcome, PushRules, Ready, Stop, Withdraw, child_main
+from ..ipc import (
+    Channel,
+    Dispatch,
+    Figures,
+    Outcome,
+    PushRules,
+    Ready,
+    Stop,
+    Throttle,
+    Withdraw,
+    child_main,
+)
 from ..logs import Attempt, Response
 from ..message import QueueName
 from ..rules.book import BOUNCE, SUSPEND, RuleBook
@@ -103,8 +119,12 @@ async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket
         rule = upstream.bounces.get(msg.rule_id)
         return [m.id for m in dispatcher.take_matching(rule)] if rule is not None else []
 
-    async def on_figures(msg: Figures, payload: bytes) -> dict[str, dict[str, int]]:
+    async def on_figures(msg: Figures, payload: bytes) -> dict[str, dict[str, Any]]:
         return await dispatcher.figures()
+
+    async def on_throttle(msg: Throttle, payload: bytes) -> bool:
+        await dispatcher.throttle(msg.site, msg.rate, msg.until)
+        return True
 
     async def on_stop(msg: Stop, payload: bytes) -> list[str]:
         left = await dispatcher.stop(msg.grace)
@@ -113,7 +133,7 @@ async def _serve(settings: Settings, sock: socket.socket, listeners: list[socket
 
     channel = upstream.channel = await Channel.over(sock, {
         PushRules: on_rules, Dispatch: on_dispatch, Withdraw: on_withdraw, Figures: on_figures,
-        Stop: on_stop})
+        Throttle: on_throttle, Stop: on_stop})
     await channel.call(Ready(pid=os.getpid()))
     stop_wait = asyncio.create_task(stop.wait())
     closed = asyncio.create_task(channel.wait_closed())
