@@ -18,6 +18,7 @@ import socket
 import weakref
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -28,16 +29,17 @@ from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
 from .node import NodeIdError, node_id
 from .queues.manager import QueueManager
-from .reception.auth import Credentials
-from .reception.dkim import DkimSigner
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
-from .reception.smtp import ReceptionHandler, start_smtp
+from .reception.smtp import ReceptionHandler, dkim_signer, start_smtp
 from .reception.tls import ensure_certificate
 from .rules.automation import Automations
 from .rules.bounce import Bounces
 from .rules.suspend import Suspensions
 from .spool import SqliteSpool
+
+if TYPE_CHECKING:
+    from .reception.dkim import DkimSigner
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Services:
     manager: QueueManager
     intake: Intake
     stats: Counter[str]
-    dkim: DkimSigner
+    dkim: DkimSigner | None   # None: no domain has a key
 
 
 class _Uvicorn(uvicorn.Server):
@@ -104,8 +106,9 @@ class Server:
             raise StartupError(f"server.data_dir {settings.server.data_dir}: {exc}") from None
         # The DKIM keys before anything is bound or opened: a key that cannot
         # be used is a bad configuration (ConfigError), and nothing listens.
-        dkim = DkimSigner(settings)
+        dkim = dkim_signer(settings)
         if settings.smtp.auth_file:
+            from .reception.auth import Credentials
             Credentials.load(settings.smtp.auth_file)
         nodeid = node_id(settings.data_path)
         spool = SqliteSpool(settings.data_path)

@@ -91,6 +91,8 @@ class _Key:
 class DkimSigner:
     """Signs mail with the ``[dkim]`` keys of ``settings`` (see the module docstring)."""
 
+    Error = DkimError  # what ``sign`` raises
+
     def __init__(self, settings: Settings) -> None:
         self._keys: dict[str, _Key] = {
             domain: _load(domain, conf) for domain, conf in settings.dkim.items()}

@@ -36,13 +36,13 @@ from ..config import IPNetwork, Settings, host_in
 from ..logs import REJECTION, Response, Tls, make_record
 from ..message import AddressError, split_address
 from ..node import node_id
-from .auth import Credentials
-from .dkim import DkimError, DkimSigner
 from .intake import Intake
 from .lines import fold_long_lines
 from .tls import server_context
 
 if TYPE_CHECKING:
+    from .auth import Credentials
+    from .dkim import DkimSigner
     from .worker import RemoteIntake
 
 log = logging.getLogger(__name__)
@@ -318,10 +318,9 @@ class ReceptionHandler:
         self.settings = settings
         self.intake = intake
         self.relay: list[IPNetwork] = settings.smtp.relay_networks()
-        self.credentials = (Credentials.load(settings.smtp.auth_file)
-                            if settings.smtp.auth_file else None)
+        self.credentials = _credentials(settings)
         self.nodeid = node_id(settings.data_path)
-        self.dkim = DkimSigner(settings)  # keys loaded once per process
+        self.dkim = dkim_signer(settings)  # keys loaded once per process
         # aiosmtpd's hook table, built once for every session
         self.hooks = {m[7:]: getattr(self, m) for m in dir(self) if m.startswith("handle_")}
 
@@ -433,11 +432,13 @@ class ReceptionHandler:
         received = (f"Received: from {session.host_name or 'unknown'} ([{peer[0]}])\r\n"
                     f"\tby {self.settings.smtp.hostname} (Sluice) with {with_};\r\n"
                     f"\t{_rfc2822_now()}\r\n").encode("utf-8", "replace")
-        try:
-            message = self.dkim.sign(received + body)
-        except DkimError as exc:
-            log.warning("DKIM signing failed, answered 451: %s", exc)
-            return f"451 4.3.0 Cannot DKIM-sign the message ({exc}), try again later"
+        message = received + body
+        if self.dkim is not None:
+            try:
+                message = self.dkim.sign(message)
+            except self.dkim.Error as exc:
+                log.warning("DKIM signing failed, answered 451: %s", exc)
+                return f"451 4.3.0 Cannot DKIM-sign the message ({exc}), try again later"
         try:
             accepted = await self.intake.accept(
                 message, "" if envelope.mail_from == "<>" else envelope.mail_from or "",
@@ -452,6 +453,23 @@ class ReceptionHandler:
             return "451 4.3.0 Temporary failure storing the message, try again later"
         return f"250 2.0.0 OK queued as {accepted.ids[0]}" + (
             f" (+{len(accepted.ids) - 1})" if len(accepted.ids) > 1 else "")
+
+
+def _credentials(settings: Settings) -> Credentials | None:
+    """The auth_file's users; argon2 and bcrypt are loaded only when there is one."""
+    if not settings.smtp.auth_file:
+        return None
+    from .auth import Credentials
+    return Credentials.load(settings.smtp.auth_file)
+
+
+def dkim_signer(settings: Settings) -> DkimSigner | None:
+    """The DKIM signer when some domain has a key; dkimpy (and its share of
+    every process's memory) is loaded only then."""
+    if not settings.dkim:
+        return None
+    from .dkim import DkimSigner
+    return DkimSigner(settings)
 
 
 async def _auth_response(server: SMTP, initial: str | None, challenge: str) -> bytes | None:

@@ -18,11 +18,6 @@ import os
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from ..config import ConfigError, Settings
 
 
@@ -69,6 +64,12 @@ def server_context(settings: Settings) -> ssl.SSLContext:
 
 
 def _make_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
+    # made once per data directory: cryptography's x509 is not loaded otherwise
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
