@@ -10,14 +10,13 @@ import ssl
 import pytest
 
 from sluice.config import ConfigError, settings_from_dict
-from sluice.delivery.dispatch import Dispatcher, Outcomes
-from sluice.delivery.routes import NextHop
+from sluice.delivery.dispatch import Dispatcher
 from sluice.delivery.tls import PlainFallback, TlsPolicy
 from sluice.message import parse_queue_name
-from sluice.spool import Stored
 
 from ..support import until
 from ..support.peers import CertificateAuthority
+from ..support.delivery import OneHop, StopEverything, stored
 
 
 def settings(delivery: dict | None = None, tls: dict | None = None):
@@ -97,30 +96,6 @@ def test_plain_fallback_is_per_host_and_port_and_expires():
     assert ("mx.example", 25) not in fallback
 
 
-class OneHop:
-    """Every domain's next hop is the same host: one site."""
-
-    async def next_hop(self, domain: str, routing_domain: str | None = None) -> NextHop:
-        return NextHop(site="mx.example:25", hosts=(("127.0.0.1", 9),))
-
-
-class StopEverything(Outcomes):
-    """Stops each message before a connection is opened (a rule would)."""
-
-    def __init__(self, s) -> None:
-        self.settings = s
-        self.stopped: list[str] = []
-
-    def may_send_data(self, msg: Stored) -> bool:
-        return False
-
-    async def dispose_stopped(self, msg: Stored) -> None:
-        self.stopped.append(msg.id)
-
-
-def stored(n: int, domain: str) -> Stored:
-    return Stored(id=f"m{n}", queue=domain, sender="s@example.org", recipient=f"r@{domain}",
-                  body_id=n, size=10, created=0.0, due=0.0, attempts=0)
 
 
 async def test_domains_sharing_hosts_share_a_ready_queue_only_with_the_same_mode():

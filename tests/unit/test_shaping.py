@@ -13,13 +13,12 @@ import time
 import pytest
 
 from sluice.config import settings_from_dict
-from sluice.delivery.dispatch import Dispatcher, Outcomes
-from sluice.delivery.routes import NextHop
+from sluice.delivery.dispatch import Dispatcher
 from sluice.delivery.shaping import RateLimiter, RateMeter
 from sluice.message import parse_queue_name
-from sluice.spool import Stored
 
 from ..support import until as until_true
+from ..support.delivery import OneHop, StopEverything, stored
 
 T0 = 1000.0
 
@@ -234,30 +233,6 @@ def test_the_meter_gives_the_rate_over_the_last_ten_whole_seconds():
 
 # -- the dispatcher: limits per site, throttles ---------------------------------
 
-class OneHop:
-    """Every domain's next hop is the same host: one site."""
-
-    async def next_hop(self, domain: str, routing_domain: str | None = None) -> NextHop:
-        return NextHop(site="mx.example:25", hosts=(("127.0.0.1", 9),))
-
-
-class StopEverything(Outcomes):
-    """Stops each message before a connection is opened (a rule would)."""
-
-    def __init__(self, s) -> None:
-        self.settings = s
-        self.stopped: list[str] = []
-
-    def may_send_data(self, msg: Stored) -> bool:
-        return False
-
-    async def dispose_stopped(self, msg: Stored) -> None:
-        self.stopped.append(msg.id)
-
-
-def stored(n: int, domain: str) -> Stored:
-    return Stored(id=f"m{n}", queue=domain, sender="s@example.org", recipient=f"r@{domain}",
-                  body_id=n, size=10, created=0.0, due=0.0, attempts=0)
 
 
 def shaped_settings():
