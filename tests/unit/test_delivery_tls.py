@@ -15,8 +15,8 @@ from sluice.delivery.tls import PlainFallback, TlsPolicy
 from sluice.message import parse_queue_name
 
 from ..support import until
-from ..support.peers import CertificateAuthority
 from ..support.delivery import OneHop, StopEverything, stored
+from ..support.peers import CertificateAuthority
 
 
 def settings(delivery: dict | None = None, tls: dict | None = None):
