@@ -357,6 +357,22 @@ class SiteLimits:
     idle_timeout: float                 # an idle connection is closed after this
 
 
+class ClusterSettings(_Section):
+    """``[cluster]``: off unless ``redis_url`` is set."""
+
+    redis_url: str | None = None   # redis://host:port/db, rediss://..., unix:///path
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+            raise ValueError(f"{v!r} is not a Redis URL like 'redis://127.0.0.1:6379/0'")
+        return v
+
+
 class AdminSettings(_Section):
     # A new bounce rule holds matching mail this long before it bounces it
     # (its "grace"; the API's "grace" field overrides it). 0s: at once.
@@ -382,6 +398,7 @@ class Settings(BaseModel):
     tls: dict[str, TlsMode] = {}
     dkim: dict[str, DkimSettings] = {}
     shaping: dict[str, Shaping] = {}
+    cluster: ClusterSettings = ClusterSettings()
     routes: dict[str, HostPort] = {}
     routing_domains: dict[str, str] = {}
 

@@ -18,11 +18,12 @@ import socket
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from .api.app import create_app
+from .cluster.link import ClusterLink
 from .config import Settings, split_host_port
 from .delivery.mx import MxResolver
 from .delivery.process import DeliveryProcess
@@ -59,6 +60,12 @@ class Services:
     intake: Intake
     stats: Counter[str]
     dkim: DkimSigner | None   # None: no domain has a key
+    cluster: ClusterLink | None = None  # None: not in a cluster
+
+    async def figures(self) -> dict[str, Any]:
+        """This node's queue figures (``/metrics.json``; what it publishes to its cluster)."""
+        return {"scheduled": self.spool.index.counts(),
+                "ready": await self.manager.delivery.figures()}
 
 
 class _Uvicorn(uvicorn.Server):
@@ -154,6 +161,13 @@ class Server:
                                f"the spool: {exc.strerror or exc}") from None
         # The certificate before any process serves with it (ConfigError).
         ensure_certificate(self.settings)
+        # The cluster before anything is served: a node name in use stops the start.
+        if self.settings.cluster.redis_url:
+            host, port = split_host_port(self.settings.http.listen[0])
+            http = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
+            s.cluster = ClusterLink(self.settings.cluster.redis_url, self.settings.server.node_name,
+                                    node_id(self.settings.data_path), http, s.figures)
+            await s.cluster.start()
         # The rules before anything that checks them.
         rows = await s.spool.load_rules()
         await s.bounces.load(rows)
@@ -224,6 +238,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await s.bounces.stop()
+        if s.cluster is not None:
+            await s.cluster.stop()
         if s.manager.automation is not None:
             await s.manager.automation.stop()
         if self._http_task is not None:

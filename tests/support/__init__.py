@@ -150,7 +150,7 @@ class Serve:
 
     def __init__(self, tmp: Path, extra: str = "", routes: dict[str, str] | None = None,
                  queue: str = "", http_port: int | None = None,
-                 workers: int | None = None, smtp: str = "") -> None:
+                 workers: int | None = None, smtp: str = "", node_name: str = "test") -> None:
         """``workers`` None: the default (one reception process per core and
         a delivery process); 0: everything in one process. ``smtp``: more
         ``[smtp]`` lines."""
@@ -164,7 +164,7 @@ class Serve:
         self.config.write_text(f"""
 [server]
 data_dir = "{self.data}"
-node_name = "test"
+node_name = "{node_name}"
 {"" if workers is None else f"workers = {workers}"}
 [smtp]
 listen = ["127.0.0.1:{self.smtp_port}"]

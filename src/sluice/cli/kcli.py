@@ -291,12 +291,14 @@ def format_rate(per_second: float | None) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most N rows.")
 @click.option("--domain", default=None, help="Only queues of this destination domain.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON summary.")
+@click.option("--cluster", is_flag=True,
+              help="Every live node of the cluster, summed ([cluster] redis_url).")
 @click.pass_obj
 def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: str | None,
-                  as_json: bool) -> None:
+                  as_json: bool, cluster: bool) -> None:
     """Scheduled queues, and ready queues per destination site with its
     limits ([shaping]) and the rate it is delivered at."""
-    data = client.call("GET", "/metrics.json")
+    data = client.call("GET", "/metrics.json", params={"cluster": "true"} if cluster else None)
     scheduled = data["scheduled"]
     if domain:
         d = domain.strip().lower()
@@ -331,6 +333,22 @@ def queue_summary(client: Client, by_volume: bool, limit: int | None, domain: st
     for q, n in rows:
         t.add_row(q, str(n))
     console.print(t)
+
+
+@cli.command("cluster-status")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON object.")
+@click.pass_obj
+def cluster_status(client: Client, as_json: bool) -> None:
+    """The live nodes of the cluster: name, HTTP endpoint, last seen, queued."""
+    data = client.call("GET", "/api/admin/cluster/v1/status")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    t = Table("NODE", "HTTP", "LAST SEEN", "AGO", "SCHEDULED", "READY", box=None)
+    for n in data["nodes"]:
+        t.add_row(n["name"], n["http"], n["last_seen"], f"{n['seconds_since']:.1f}s",
+                  str(n["scheduled"]), str(n["ready"]))
+    _console().print(t)
 
 
 @cli.command("inspect-message")

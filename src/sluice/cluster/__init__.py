@@ -1,0 +1,1 @@
+"""What nodes of a cluster share through Redis (``[cluster] redis_url``)."""

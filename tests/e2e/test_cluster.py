@@ -1,0 +1,137 @@
+"""Nodes in a cluster through a real ``redis-server``: membership and the
+cluster views (``kcli cluster-status``, ``queue-summary --cluster``,
+``/metrics.json?cluster=true``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from ..support import BIN, Serve, free_port, wait_for
+from ..support.peers import Redis
+
+HELD = 'retry_interval = "1h"'  # mail to a closed port waits in its queue
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = Redis(tmp_path / "redis").start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path, redis):
+    started: list[Serve] = []
+
+    def make(name: str) -> Serve:
+        d = tmp_path / name
+        d.mkdir()
+        srv = Serve(d, node_name=name, queue=HELD, routes={"example.com": f"127.0.0.1:{free_port()}"},
+                    extra=f'[cluster]\nredis_url = "{redis.url}"\n')
+        started.append(srv)
+        return srv.start()
+
+    yield make
+    for srv in started:
+        try:
+            srv.stop()
+        except Exception:
+            srv.kill()
+
+
+def status(srv: Serve) -> list[dict]:
+    r = srv.api("GET", "/api/admin/cluster/v1/status")
+    assert r.status_code == 200, r.text
+    return r.json()["nodes"]
+
+
+def test_nodes_join_and_the_views_add_up_every_node(nodes):
+    a, b, c = nodes("node-a"), nodes("node-b"), nodes("node-c")
+    a.send(["x1@example.com", "x2@example.com"], headers={"X-Campaign": "spring"})
+    b.send(["y1@example.com", "y2@example.com", "y3@example.com"], headers={"X-Campaign": "spring"})
+    c.send(["z@example.com"])
+    # the figures are published with every heartbeat (every 2 s)
+    summary = wait_for(lambda: (s := json.loads(c.kcli("queue-summary", "--cluster", "--json",
+                                                          check=True).stdout))
+                       ["scheduled"] == {"spring:@example.com": 5, "example.com": 1} and s)
+    assert summary["scheduled"] == {"spring:@example.com": 5, "example.com": 1}
+    per_node = a.api("GET", "/metrics.json?cluster=true").json()["nodes"]
+    assert {n: sum(f["scheduled"].values()) for n, f in per_node.items()} == \
+        {"node-a": 2, "node-b": 3, "node-c": 1}
+    # this node's own figures are unchanged without ?cluster=true
+    assert a.api("GET", "/metrics.json").json()["scheduled"] == {"spring:@example.com": 2}
+    listed = status(b)
+    assert [n["name"] for n in listed] == ["node-a", "node-b", "node-c"]
+    assert [n["http"] for n in listed] == [a.endpoint, b.endpoint, c.endpoint]
+    assert all(n["seconds_since"] < 10 for n in listed)
+    table = a.kcli("cluster-status", check=True).stdout
+    for name in ("node-a", "node-b", "node-c"):
+        assert name in table
+
+
+def test_a_killed_node_leaves_the_cluster_when_its_heartbeat_expires(nodes):
+    a, b, c = nodes("node-a"), nodes("node-b"), nodes("node-c")
+    c.kill()
+    wait_for(lambda: [n["name"] for n in status(a)] == ["node-a", "node-b"], timeout=30)
+    # a node that stops cleanly leaves at once
+    b.stop()
+    assert [n["name"] for n in status(a)] == ["node-a"]
+
+
+def test_a_node_name_in_use_stops_the_start(nodes, tmp_path, redis):
+    nodes("node-a")
+    d = tmp_path / "twin"
+    d.mkdir()
+    twin = Serve(d, node_name="node-a", extra=f'[cluster]\nredis_url = "{redis.url}"\n')
+    r = subprocess.run([BIN / "sluice", "serve", "--config", str(twin.config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "server.node_name 'node-a' is in use by another live node" in r.stderr
+
+
+def test_without_redis_nodes_serve_mail_and_views_say_503_until_it_returns(nodes, redis):
+    a, b = nodes("node-a"), nodes("node-b")
+    redis.stop()
+    r = a.api("GET", "/api/admin/cluster/v1/status")
+    assert r.status_code == 503 and "cannot be reached" in r.json()["error"]
+    assert a.api("GET", "/metrics.json?cluster=true").status_code == 503
+    a.send(["x@example.com"])  # mail is still accepted: each node has its own spool
+    assert a.api("GET", "/metrics.json").json()["scheduled"] == {"example.com": 1}
+    redis.start()  # an empty Redis on the same port: the heartbeats join again
+    wait_for(lambda: a.api("GET", "/api/admin/cluster/v1/status").status_code == 200
+             and [n["name"] for n in status(a)] == ["node-a", "node-b"], timeout=30)
+
+
+def test_cluster_views_on_a_node_without_a_cluster_say_so(make_serve):
+    srv = make_serve().start()
+    r = srv.api("GET", "/api/admin/cluster/v1/status")
+    assert r.status_code == 400 and "not in a cluster" in r.json()["error"]
+    r = srv.kcli("cluster-status")
+    assert r.returncode != 0 and "not in a cluster" in r.stderr
+
+
+@pytest.mark.parametrize("url", ["localhost:6379", "http://x", "redis://"])
+def test_a_bad_redis_url_stops_the_start_naming_the_key(make_serve, url):
+    srv = make_serve(extra=f'[cluster]\nredis_url = "{url}"\n')
+    r = subprocess.run([BIN / "sluice", "serve", "--config", str(srv.config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cluster.redis_url" in r.stderr
+
+
+def test_a_node_starts_without_redis_and_joins_when_it_comes(tmp_path):
+    redis = Redis(tmp_path / "redis")  # its port: nothing listens there yet
+    srv = Serve(tmp_path, node_name="early", extra=f'[cluster]\nredis_url = "{redis.url}"\n')
+    try:
+        srv.start()
+        srv.send(["x@example.com"])
+        assert srv.api("GET", "/api/admin/cluster/v1/status").status_code == 503
+        redis.start()
+        wait_for(lambda: srv.api("GET", "/api/admin/cluster/v1/status").status_code == 200
+                 and [n["name"] for n in status(srv)] == ["early"], timeout=30)
+        assert "serving alone until it can" in srv.log.read_text()
+    finally:
+        srv.stop()
+        redis.stop()
