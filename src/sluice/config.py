@@ -342,6 +342,8 @@ class Shaping(_Section):
     max_connection_rate: PerSecond | None = None
     connect_timeout: Seconds | None = None
     idle_timeout: Seconds | None = None
+    # the rates hold for the whole cluster ([cluster] redis_url), not per node
+    shared: bool | None = None
     automation: list[Automation] = []
 
 
@@ -355,6 +357,7 @@ class SiteLimits:
     max_connection_rate: float | None   # new connections per second
     connect_timeout: float
     idle_timeout: float                 # an idle connection is closed after this
+    shared: bool = False                # max_message_rate holds for the cluster
 
 
 class ClusterSettings(_Section):
@@ -431,6 +434,7 @@ class Settings(BaseModel):
             max_connection_rate=pick("max_connection_rate", None),
             connect_timeout=pick("connect_timeout", d.connect_timeout),
             idle_timeout=pick("idle_timeout", 5.0),
+            shared=pick("shared", False),
         )
 
     def automation_for(self, domain: str) -> list[tuple[str, Automation]]:
@@ -442,6 +446,15 @@ class Settings(BaseModel):
             if entry is not None:
                 out.extend((f"{key}#{i}", a) for i, a in enumerate(entry.automation, 1))
         return out
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> Settings:
+        for key, entry in self.shaping.items():
+            if entry.shared and not self.cluster.redis_url:
+                name = f'"{key}"' if "." in key else key
+                raise ValueError(f"shaping.{name}.shared needs [cluster] redis_url (a rate "
+                                 "shared by the nodes of a cluster)")
+        return self
 
     @property
     def data_path(self) -> Path:

@@ -135,3 +135,48 @@ def test_a_node_starts_without_redis_and_joins_when_it_comes(tmp_path):
     finally:
         srv.stop()
         redis.stop()
+
+
+def _sink_rate(sink, total: int) -> dict:
+    """The sink's figures once it has ``total`` messages: the rate over its
+    whole seconds (the first and the last, partial, left out)."""
+    figures = wait_for(lambda: sink.stats.exists()
+                       and (f := json.loads(sink.stats.read_text()))["accepted"] == total and f,
+                       timeout=60)
+    seconds = sorted(figures["per_second"].items())[1:-1]
+    return {"rate": sum(n for _, n in seconds) / len(seconds),
+            "busiest": max(n for _, n in seconds)}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_shared_rate_holds_for_the_cluster_not_per_node(tmp_path, redis, shared):
+    from ..support import Sink
+
+    sink = Sink(tmp_path, stats=tmp_path / "stats.json").start()
+    servers = []
+    try:
+        for name in ("node-a", "node-b"):
+            d = tmp_path / name
+            d.mkdir()
+            servers.append(Serve(d, node_name=name, routes={"example.com": f"127.0.0.1:{sink.port}"},
+                                 extra=f'[cluster]\nredis_url = "{redis.url}"\n'
+                                       f'[shaping."example.com"]\nmax_message_rate = "20/s"\n'
+                                       f'shared = {str(shared).lower()}\n').start())
+        for srv in servers:  # 80 messages each, queued at once on both nodes
+            srv.send([f"r{i}@example.com" for i in range(80)])
+        figures = _sink_rate(sink, 160)
+    finally:
+        for srv in servers:
+            srv.stop()
+        sink.stop()
+    if shared:  # 20/s for the two nodes together
+        assert 18 <= figures["rate"] <= 21 and figures["busiest"] <= 21, figures
+    else:  # 20/s each
+        assert figures["rate"] >= 30, figures
+
+
+def test_a_shared_rate_needs_a_cluster(make_serve):
+    srv = make_serve(extra='[shaping."example.com"]\nmax_message_rate = "5/s"\nshared = true\n')
+    r = subprocess.run([BIN / "sluice", "serve", "--config", str(srv.config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and 'shaping."example.com".shared needs [cluster] redis_url' in r.stderr

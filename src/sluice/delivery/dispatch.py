@@ -47,6 +47,8 @@ from .routes import Router
 from .tls import TlsPolicy
 
 if TYPE_CHECKING:
+    from ..cluster.throttle import SharedRate
+    from ..config import SiteLimits
     from ..rules.book import Rule
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ class Dispatcher:
         self.sites: dict[str, Site] = {}
         self.parts: dict[str, QueueName] = {}  # of the queues of messages handed over
         self.throttles: dict[str, dict[float, float]] = {}  # site name -> {rate: until}
+        self._redis: Any = None  # for shared rates ([cluster]), made when first needed
 
     async def dispatch(self, msg: Stored, parts: QueueName) -> None:
         """Route ``msg`` to its site's ready queue (the rules were checked)."""
@@ -161,11 +164,23 @@ class Dispatcher:
             mode, key = tls.default, hop.site
         site = self.sites.get(key)
         if site is None:
-            site = self.sites[key] = Site(hop, self.outcomes,
-                                          self.settings.limits_for(parts.domain), tls, mode)
+            limits = self.settings.limits_for(parts.domain)
+            site = self.sites[key] = Site(hop, self.outcomes, limits, tls, mode,
+                                          self._shared_rate(hop.site, limits))
             for rate, until in self._throttles_of(hop.site).items():
                 site.throttle(rate, until)
         site.push(msg)
+
+    def _shared_rate(self, site: str, limits: SiteLimits) -> SharedRate | None:
+        """The cluster-wide schedule of ``site`` when its rate is shared."""
+        url = self.settings.cluster.redis_url
+        if not (limits.shared and limits.max_message_rate and url):
+            return None
+        from ..cluster.throttle import SharedRate  # redis is loaded only for shared rates
+        if self._redis is None:
+            import redis.asyncio as aioredis
+            self._redis = aioredis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        return SharedRate(self._redis, site)
 
     def _throttles_of(self, site: str) -> dict[float, float]:
         """The throttles of ``site`` still in force (those that ended forgotten)."""

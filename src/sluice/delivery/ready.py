@@ -37,6 +37,7 @@ from .shaping import RateLimiter, RateMeter
 from .smtp import Connection, DeliveryError, Stopped
 
 if TYPE_CHECKING:
+    from ..cluster.throttle import SharedRate
     from ..config import SiteLimits, TlsMode
     from .dispatch import Outcomes
     from .tls import TlsPolicy
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 class Site:
     def __init__(self, hop: NextHop, outcomes: Outcomes, limits: SiteLimits,
-                 tls: TlsPolicy, tls_mode: TlsMode) -> None:
+                 tls: TlsPolicy, tls_mode: TlsMode, shared_rate: SharedRate | None = None) -> None:
         self.name = hop.site
         self.hop = hop
         self.tls = tls
@@ -56,7 +57,7 @@ class Site:
         self.limits = limits
         self.max_connections = limits.max_connections
         self.per_connection = limits.max_deliveries_per_connection
-        self.message_rate = RateLimiter(limits.max_message_rate)
+        self.message_rate = RateLimiter(limits.max_message_rate, shared=shared_rate)
         self.connection_rate = RateLimiter(limits.max_connection_rate)
         self.meter = RateMeter()
         self.connections = 0

@@ -29,7 +29,10 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..cluster.throttle import SharedRate
 
 Clock = Callable[[], float]
 CallLater = Callable[[float, Callable[[], None]], Any]  # returns a handle with cancel()
@@ -40,8 +43,12 @@ class RateLimiter:
     no limit). ``await acquire()`` right before each start."""
 
     def __init__(self, rate: float | None, clock: Clock = time.monotonic,
-                 call_later: CallLater | None = None) -> None:
+                 call_later: CallLater | None = None, shared: SharedRate | None = None) -> None:
         self.configured = rate
+        # The configured rate held for the whole cluster (``cluster.throttle``);
+        # a throttle below it, or Redis not answering, falls back to this
+        # node's own schedule.
+        self.shared = shared if rate is not None else None
         self._clock = clock
         self._call_later = call_later
         self._throttles: dict[float, float] = {}  # rate -> until (this clock)
@@ -113,13 +120,25 @@ class RateLimiter:
     # -- slots ---------------------------------------------------------------
 
     def expected_wait(self) -> float:
-        """How long a caller asking now would wait (0 when none)."""
+        """How long a caller asking now would wait (0 when none; not known
+        for a shared schedule, where it is taken as 0)."""
         now = self._clock()
         self._expire(now)
-        return max(0.0, self._tat - now) if self._rate() is not None else 0.0
+        if self._rate() is None or (self.shared is not None and self._rate() == self.configured):
+            return 0.0
+        return max(0.0, self._tat - now)
 
     async def acquire(self) -> None:
         """Wait for this caller's slot."""
+        if self.shared is not None and self.rate() == self.configured:
+            try:
+                wait = await self.shared.reserve(1.0 / self.configured)  # type: ignore[operator]
+            except self.shared.Unavailable:
+                pass  # this node's own schedule, until Redis answers again
+            else:
+                if wait > 0:
+                    await self._sleep(wait)
+                return
         while True:
             now = self._clock()
             self._expire(now)
