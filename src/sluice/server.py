@@ -24,6 +24,7 @@ import uvicorn
 
 from .api.app import create_app
 from .cluster.link import ClusterLink
+from .cluster.rules import ClusterRules
 from .config import Settings, split_host_port
 from .delivery.mx import MxResolver
 from .delivery.process import DeliveryProcess
@@ -61,6 +62,7 @@ class Services:
     stats: Counter[str]
     dkim: DkimSigner | None   # None: no domain has a key
     cluster: ClusterLink | None = None  # None: not in a cluster
+    cluster_rules: ClusterRules | None = None
 
     async def figures(self) -> dict[str, Any]:
         """This node's queue figures (``/metrics.json``; what it publishes to its cluster)."""
@@ -177,6 +179,10 @@ class Server:
         if self.delivery is not None:
             await self.delivery.start()
         s.manager.start()
+        if s.cluster is not None:  # the cluster's rules before anyone is served
+            s.cluster_rules = ClusterRules(s.cluster, {"bounce": s.bounces,
+                                                       "suspend": s.suspensions})
+            await s.cluster_rules.start()
         self._pruner = asyncio.create_task(self._prune_loop(), name="rule-pruner")
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
                                 access_log=False, limit_concurrency=1000)
@@ -238,6 +244,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await s.bounces.stop()
+        if s.cluster_rules is not None:
+            await s.cluster_rules.stop()
         if s.cluster is not None:
             await s.cluster.stop()
         if s.manager.automation is not None:

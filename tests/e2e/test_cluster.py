@@ -180,3 +180,70 @@ def test_a_shared_rate_needs_a_cluster(make_serve):
     r = subprocess.run([BIN / "sluice", "serve", "--config", str(srv.config)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and 'shaping."example.com".shared needs [cluster] redis_url' in r.stderr
+
+
+def _bounce(srv: Serve, **criteria) -> dict:
+    r = srv.api("POST", "/api/admin/bounce/v1", {**criteria, "reason": "cluster test",
+                                                 "duration": "1h"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_bounce_on_one_node_holds_on_every_node_before_it_answers(nodes):
+    a, b, c = nodes("node-a"), nodes("node-b"), nodes("node-c")
+    b.send(["queued-on-b@example.com"])
+    c.send(["queued-on-c@example.com"])
+    answer = _bounce(a, domain="example.com")
+    assert answer["nodes"] == {"node-a": "confirmed", "node-b": "confirmed",
+                               "node-c": "confirmed"}
+    for srv in (a, b, c):  # the same rule, by id, everywhere
+        assert [r["id"] for r in srv.api("GET", "/api/admin/bounce/v1").json()] == [answer["id"]]
+    # each node bounces its own queued mail, and new mail at reception
+    wait_for(lambda: "queued-on-b@example.com" in b.by_recipient("AdminBounce"))
+    wait_for(lambda: "queued-on-c@example.com" in c.by_recipient("AdminBounce"))
+    c.send(["new-on-c@example.com"])
+    assert "new-on-c@example.com" in c.by_recipient("AdminBounce")
+    # the other nodes audit it as the cluster's
+    actors = {e["actor"] for e in c.api("GET", "/api/admin/audit/v1").json()}
+    assert actors == {"cluster:node-a"}
+    # a cancel on another node ends it everywhere
+    r = b.api("DELETE", "/api/admin/bounce/v1", {"id": answer["id"]})
+    assert r.status_code == 200 and set(r.json()["nodes"].values()) == {"confirmed"}
+    for srv in (a, b, c):
+        assert srv.api("GET", "/api/admin/bounce/v1").json() == []
+
+
+def test_a_suspension_holds_on_every_node(nodes):
+    a, b = nodes("node-a"), nodes("node-b")
+    r = b.api("POST", "/api/admin/suspend/v1", {"domain": "example.com", "reason": "x",
+                                                "duration": "1h"})
+    assert r.status_code == 200 and r.json()["nodes"] == {"node-a": "confirmed",
+                                                          "node-b": "confirmed"}
+    assert [s["id"] for s in a.api("GET", "/api/admin/suspend/v1").json()] == [r.json()["id"]]
+
+
+def test_a_node_that_was_down_comes_back_with_the_rules(nodes):
+    a, b = nodes("node-a"), nodes("node-b")
+    b.kill()  # its heartbeat lives on for a few seconds: it cannot confirm
+    answer = _bounce(a, campaign="spring")
+    assert answer["nodes"] == {"node-a": "confirmed", "node-b": "unreachable"}
+    b.start()  # the rules from the cluster before its listeners open
+    assert [r["id"] for r in b.api("GET", "/api/admin/bounce/v1").json()] == [answer["id"]]
+    b.send(["x@example.com"], headers={"X-Campaign": "spring"})
+    assert "x@example.com" in b.by_recipient("AdminBounce")
+
+
+def test_without_redis_rule_writes_answer_503_and_change_nothing(nodes, redis):
+    a, b = nodes("node-a"), nodes("node-b")
+    held = _bounce(a, tenant="kept")
+    redis.stop()
+    r = a.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "x",
+                                                "duration": "1h"})
+    assert r.status_code == 503 and "nothing was changed" in r.json()["error"]
+    assert [x["id"] for x in a.api("GET", "/api/admin/bounce/v1").json()] == [held["id"]]
+    r = b.api("POST", "/api/admin/suspend/v1", {"domain": "example.com", "reason": "x",
+                                                "duration": "1h"})
+    assert r.status_code == 503 and b.api("GET", "/api/admin/suspend/v1").json() == []
+    # the rules held are still enforced
+    b.send(["y@example.com"], headers={"X-Tenant": "kept"})
+    assert "y@example.com" in b.by_recipient("AdminBounce")

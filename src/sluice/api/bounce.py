@@ -14,6 +14,7 @@ from ..durations import format_duration
 from ..rules.book import Rule
 from ..rules.criteria import Criteria
 from .auth import actor_of
+from .cluster_rules import before_change, cancel_everywhere, spread
 from .deps import services
 from .models import (
     ERROR_RESPONSES,
@@ -73,11 +74,15 @@ async def create_bounce(req: BounceRequest, request: Request, svc=Depends(servic
             out["samples"] = [{"id": m.id, "sender": m.sender, "recipient": m.recipient,
                                "queue": m.queue} for m in samples]
         return out
+    await before_change(svc)
+    actor = actor_of(request)
     rule = await svc.bounces.create(
         criteria, req.reason, req.expires_at(), suppress_logging=req.suppress_logging,
         grace=req.grace_seconds(svc.settings.admin.bounce_grace),
-        actor=actor_of(request), request=await body_of(request))
-    return {"id": rule.id, "bounced": {}, "total_bounced": 0}
+        actor=actor, request=await body_of(request))
+    nodes = await spread(svc, lambda: svc.cluster_rules.created(rule),
+                         lambda: svc.bounces.cancel(rule.id, actor, action="cancel-for-cluster"))
+    return {"id": rule.id, "bounced": {}, "total_bounced": 0, "nodes": nodes}
 
 
 @router.get("", response_model=list[BounceListEntry])
@@ -98,9 +103,14 @@ async def list_bounces(svc=Depends(services)) -> list[dict]:
 async def cancel_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
     """Stop a bounce rule. A pending rule releases what it held; mail an
     active rule already bounced stays bounced (see restore)."""
+    await before_change(svc)
     if await svc.bounces.cancel(str(req.id), actor_of(request), await body_of(request)) is None:
         raise HTTPException(status_code=404, detail=f"no active bounce rule with id {req.id}")
-    return {"id": str(req.id), "cancelled": True}
+    out: dict = {"id": str(req.id), "cancelled": True}
+    if svc.cluster_rules is not None:
+        out["nodes"] = await cancel_everywhere(svc, "bounce", str(req.id))
+    return out
+
 
 
 @router.post("/apply", responses={404: {"model": ErrorResponse}})

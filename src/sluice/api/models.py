@@ -158,6 +158,7 @@ class BounceResponse(BaseModel):
     id: str
     bounced: dict[str, int]
     total_bounced: int
+    nodes: dict[str, str] | None = None  # in a cluster: "confirmed" or "unreachable" per node
 
 
 class Sample(BaseModel):
@@ -223,6 +224,7 @@ class SuspendRequest(RuleRequest):
 
 class SuspendResponse(BaseModel):
     id: str
+    nodes: dict[str, str] | None = None  # in a cluster: "confirmed" or "unreachable" per node
 
 
 class ErrorResponse(BaseModel):

@@ -95,6 +95,27 @@ class RuleKind:
         await self._in_force(rule, at_start=False)
         return rule
 
+    async def adopt(self, row: dict[str, Any], actor: Actor) -> Rule | None:
+        """A rule made on another node of the cluster: stored and put in force
+        here with the same id (one with the same criteria is replaced, as by
+        ``create``). None when it is here already, or no longer active."""
+        rule = Rule.from_row({**row, "bounced": {}})
+        if self.book.get(rule.id) is not None or not rule.active():
+            return None
+        if await self.spool.get_rule(rule.id) is not None:
+            return None  # it was here and ended
+        old = [r for r in self.book.same_criteria(rule.criteria) if r.id != rule.id]
+        await self.spool.save_rule(rule.to_row(), replaces=[r.id for r in old], audit=audit.entry(
+            f"{self.kind}-create", actor, rule_id=rule.id, request=row,
+            result={"id": rule.id, "replaced": [r.id for r in old]}))
+        for r in old:
+            self.book.remove(r.id)
+            await self._ended(r)
+        self.book.add(rule)
+        await self._changed()
+        await self._in_force(rule, at_start=False)
+        return rule
+
     async def extend(self, rule_id: str, expires: float, actor: Actor = SERVER,
                      request: Any = None) -> Rule | None:
         """Move an active rule's end to ``expires`` (never earlier than it

@@ -1,0 +1,46 @@
+"""What the rule endpoints add in a cluster (``cluster.rules``): Redis must
+answer before a change (503 otherwise, nothing done), and the answer says
+which nodes confirmed it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import HTTPException
+
+from ..cluster.link import ClusterUnavailable
+
+
+async def before_change(svc: Any) -> None:
+    """503 unless the cluster's Redis answers (a node without a cluster: nothing)."""
+    if svc.cluster_rules is None:
+        return
+    try:
+        await svc.cluster_rules.check()
+    except ClusterUnavailable as exc:
+        raise HTTPException(status_code=503, detail=f"cluster: {exc}; nothing was changed") \
+            from None
+
+
+async def spread(svc: Any, publish: Callable[[], Awaitable[dict[str, str]]],
+                 undo: Callable[[], Awaitable[Any]]) -> dict[str, str] | None:
+    """Publish a change made here; if Redis fails now, ``undo`` it and answer 503."""
+    if svc.cluster_rules is None:
+        return None
+    try:
+        return await publish()
+    except ClusterUnavailable as exc:
+        await undo()
+        raise HTTPException(status_code=503, detail=f"cluster: {exc}; the change was undone") \
+            from None
+
+
+async def cancel_everywhere(svc: Any, kind: str, rule_id: str) -> dict[str, str]:
+    """Publish a cancel made here. It cannot be undone: if Redis fails now,
+    the answer says the rule ended on this node only (503)."""
+    try:
+        return await svc.cluster_rules.cancelled(kind, rule_id)
+    except ClusterUnavailable as exc:
+        raise HTTPException(status_code=503, detail=f"cluster: cancelled on this node only: "
+                            f"{exc}") from None
