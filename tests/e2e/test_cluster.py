@@ -247,3 +247,27 @@ def test_without_redis_rule_writes_answer_503_and_change_nothing(nodes, redis):
     # the rules held are still enforced
     b.send(["y@example.com"], headers={"X-Tenant": "kept"})
     assert "y@example.com" in b.by_recipient("AdminBounce")
+
+
+def test_apply_and_restore_reach_every_node_and_a_returning_node_ends_cancelled_rules(nodes):
+    a, b, c = nodes("node-a"), nodes("node-b"), nodes("node-c")
+    b.send(["held-on-b@example.com"])
+    r = a.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "oops",
+                                                "duration": "1h", "grace": "1h"})
+    rule = r.json()["id"]
+    assert b.api("GET", "/api/admin/bounce/v1").json()[0]["state"] == "pending"
+    r = c.api("POST", "/api/admin/bounce/v1/apply", {"id": rule})
+    assert r.status_code == 200 and set(r.json()["nodes"].values()) == {"confirmed"}
+    wait_for(lambda: "held-on-b@example.com" in b.by_recipient("AdminBounce"))
+    # a restore on one node puts back what every node retained
+    r = a.api("POST", "/api/admin/bounce/v1/restore", {"id": rule})
+    assert r.status_code == 200 and set(r.json()["nodes"].values()) == {"confirmed"}
+    wait_for(lambda: "held-on-b@example.com" in b.by_recipient("AdminRestore"))
+    assert b.api("GET", "/metrics.json").json()["scheduled"] == {"example.com": 1}
+    # a node down while a rule is cancelled ends it when it returns
+    second = _bounce(a, tenant="t2")["id"]
+    c.kill()
+    r = a.api("DELETE", "/api/admin/bounce/v1", {"id": second})
+    assert r.json()["nodes"]["node-c"] == "unreachable"
+    c.start()
+    assert c.api("GET", "/api/admin/bounce/v1").json() == []

@@ -14,7 +14,7 @@ from ..durations import format_duration
 from ..rules.book import Rule
 from ..rules.criteria import Criteria
 from .auth import actor_of
-from .cluster_rules import before_change, cancel_everywhere, spread
+from .cluster_rules import before_change, cancel_everywhere, publish_or_503, spread
 from .deps import services
 from .models import (
     ERROR_RESPONSES,
@@ -116,19 +116,28 @@ async def cancel_bounce(req: RuleId, request: Request, svc=Depends(services)) ->
 @router.post("/apply", responses={404: {"model": ErrorResponse}})
 async def apply_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
     """End a pending rule's grace now: it bounces what it held, and from now on."""
+    await before_change(svc)
     rule = await svc.bounces.apply(str(req.id), actor_of(request), await body_of(request))
     if rule is None:
         raise HTTPException(status_code=404, detail=f"no active bounce rule with id {req.id}")
-    return {"id": rule.id, "state": "active"}
+    out: dict = {"id": rule.id, "state": "active"}
+    if svc.cluster_rules is not None:
+        out["nodes"] = await publish_or_503(svc, lambda: svc.cluster_rules.applied(rule.id))
+    return out
 
 
-@router.post("/restore", response_model=RestoreResponse, responses={404: {"model": ErrorResponse}})
+@router.post("/restore", response_model=RestoreResponse, response_model_exclude_none=True,
+             responses={404: {"model": ErrorResponse}})
 async def restore_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
     """Put back everything a bounce rule bounced that is still retained (the
     rule ends first if it is in force)."""
+    await before_change(svc)
     result = await svc.bounces.restore(str(req.id), actor_of(request), await body_of(request))
     if result is None:
         raise HTTPException(status_code=404, detail=f"no bounce rule with id {req.id} within "
                             "the retention window")
-    return {"restored": result.restored, "total_restored": result.total,
-            "unavailable": result.unavailable}
+    out: dict = {"restored": result.restored, "total_restored": result.total,
+                 "unavailable": result.unavailable}
+    if svc.cluster_rules is not None:  # each node puts back what it retained
+        out["nodes"] = await publish_or_503(svc, lambda: svc.cluster_rules.restored(str(req.id)))
+    return out

@@ -36,11 +36,18 @@ async def spread(svc: Any, publish: Callable[[], Awaitable[dict[str, str]]],
             from None
 
 
-async def cancel_everywhere(svc: Any, kind: str, rule_id: str) -> dict[str, str]:
-    """Publish a cancel made here. It cannot be undone: if Redis fails now,
-    the answer says the rule ended on this node only (503)."""
+async def publish_or_503(svc: Any, publish: Callable[[], Awaitable[dict[str, str]]]
+                         ) -> dict[str, str]:
+    """Publish a change made here that cannot be undone (a cancel, an apply,
+    a restore): if Redis fails now, the answer says it was made on this node
+    only (503)."""
     try:
-        return await svc.cluster_rules.cancelled(kind, rule_id)
+        return await publish()
     except ClusterUnavailable as exc:
-        raise HTTPException(status_code=503, detail=f"cluster: cancelled on this node only: "
+        raise HTTPException(status_code=503, detail=f"cluster: done on this node only: "
                             f"{exc}") from None
+
+
+async def cancel_everywhere(svc: Any, kind: str, rule_id: str) -> dict[str, str]:
+    """Publish a cancel made here (see ``publish_or_503``)."""
+    return await publish_or_503(svc, lambda: svc.cluster_rules.cancelled(kind, rule_id))

@@ -201,6 +201,9 @@ class RestoreResponse(BaseModel):
     restored: dict[str, int]
     total_restored: int
     unavailable: int = Field(description="Bounced by the rule but no longer retained.")
+    nodes: dict[str, str] | None = Field(
+        default=None, description="In a cluster: each node restores what it retained; "
+        "'confirmed' or 'unreachable' per node (the counts are this node's).")
 
 
 class AuditEntry(BaseModel):

@@ -1,7 +1,9 @@
 """Bounce and suspend rules held by the whole cluster, through Redis.
 
-With ``[cluster] redis_url``, a rule created or cancelled on any node is in
-force (or ended) on every live node before the API answers:
+With ``[cluster] redis_url``, a rule created, cancelled, applied (a bounce's
+grace ended) or restored on any node is in force (or ended, applied,
+restored: each node puts back what it retained) on every live node before
+the API answers:
 
 1. the node checks that Redis answers (else the API says 503 and nothing
    is done);
@@ -17,9 +19,10 @@ force (or ended) on every live node before the API answers:
    "unreachable"}``.
 
 A node that starts, or that finds Redis again after losing it, first takes
-every rule of ``sluice:rules`` it does not hold (``catch_up``): at start,
-before its listeners open. Other changes (an apply, a restore, an extension
-by automation) stay on the node that made them.
+every rule of ``sluice:rules`` it does not hold, and ends the rules it holds
+that the cluster ended meanwhile (the sorted set ``sluice:rules:ended``, by
+time, kept for ``ENDED_KEPT`` seconds): ``catch_up``, at start before its
+listeners open. Rules an automation makes or extends stay on their node.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RULES = "sluice:rules"
+ENDED = "sluice:rules:ended"
 CHANGES = "sluice:rules:changes"
 CONFIRM_SECONDS = 2.0
+ENDED_KEPT = 7 * 86400
 
 
 def _acks(change: str) -> str:
@@ -75,6 +80,12 @@ class ClusterRules:
     async def cancelled(self, kind: str, rule_id: str) -> dict[str, str]:
         return await self._publish("cancel", kind, rule_id, None)
 
+    async def applied(self, rule_id: str) -> dict[str, str]:
+        return await self._publish("apply", "bounce", rule_id, None)
+
+    async def restored(self, rule_id: str) -> dict[str, str]:
+        return await self._publish("restore", "bounce", rule_id, None)
+
     async def _publish(self, op: str, kind: str, rule_id: str,
                        row: dict[str, Any] | None) -> dict[str, str]:
         change = uuid.uuid4().hex
@@ -85,8 +96,11 @@ class ClusterRules:
             async with self.redis.pipeline(transaction=True) as p:
                 if row is not None:
                     p.hset(RULES, rule_id, orjson.dumps(row))
-                else:
+                elif op in ("cancel", "restore"):  # a restore ends the rule first
+                    now = time.time()
                     p.hdel(RULES, rule_id)
+                    p.zadd(ENDED, {rule_id: now})
+                    p.zremrangebyscore(ENDED, 0, now - ENDED_KEPT)
                 p.publish(CHANGES, message)
                 await p.execute()
         except (RedisError, ClusterUnavailable) as exc:
@@ -110,15 +124,22 @@ class ClusterRules:
     # -- the other nodes' changes ---------------------------------------------
 
     async def catch_up(self) -> int:
-        """Take every rule of the cluster this node does not hold; returns how many."""
+        """Take every rule of the cluster this node does not hold, and end
+        those the cluster ended; returns how many changed here."""
+        actor = Actor("cluster:catch-up")
         rows = await self.redis.hgetall(RULES)
-        taken = 0
+        ended = {i.decode() for i in await self.redis.zrange(ENDED, 0, -1)}
+        changed = 0
         for raw in rows.values():
             row = orjson.loads(raw)
             kind = self.kinds.get(row.get("kind"))
-            if kind is not None and await kind.adopt(row, Actor("cluster:catch-up")):
-                taken += 1
-        return taken
+            if kind is not None and await kind.adopt(row, actor):
+                changed += 1
+        for kind in self.kinds.values():
+            for rule in kind.active():
+                if rule.id in ended and await kind.cancel(rule.id, actor) is not None:
+                    changed += 1
+        return changed
 
     async def start(self) -> None:
         """Catch up (when Redis answers), then follow the changes."""
@@ -169,6 +190,10 @@ class ClusterRules:
                 await kind.adopt(orjson.loads(raw), actor)
         elif change["op"] == "cancel":
             await kind.cancel(change["id"], actor)
+        elif change["op"] == "apply":
+            await kind.apply(change["id"], actor)  # type: ignore[attr-defined]
+        elif change["op"] == "restore":
+            await kind.restore(change["id"], actor)  # type: ignore[attr-defined]
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(_acks(change["change"]), self.link.name, "confirmed")
             p.expire(_acks(change["change"]), 60)
