@@ -65,9 +65,15 @@ class Services:
     cluster_rules: ClusterRules | None = None
 
     async def figures(self) -> dict[str, Any]:
-        """This node's queue figures (``/metrics.json``; what it publishes to its cluster)."""
+        """This node's queue figures (``/metrics.json``)."""
         return {"scheduled": self.spool.index.counts(),
                 "ready": await self.manager.delivery.figures()}
+
+    async def published(self) -> dict[str, Any]:
+        """What this node publishes to its cluster with each heartbeat: its
+        queue figures and what each bounce rule in force bounced here."""
+        return {**await self.figures(),
+                "bounced": {r.id: self.bounces.counts(r) for r in self.bounces.active()}}
 
 
 class _Uvicorn(uvicorn.Server):
@@ -168,7 +174,7 @@ class Server:
             host, port = split_host_port(self.settings.http.listen[0])
             http = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
             s.cluster = ClusterLink(self.settings.cluster.redis_url, self.settings.server.node_name,
-                                    node_id(self.settings.data_path), http, s.figures)
+                                    node_id(self.settings.data_path), http, s.published)
             await s.cluster.start()
         # The rules before anything that checks them.
         rows = await s.spool.load_rules()

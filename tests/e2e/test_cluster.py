@@ -271,3 +271,19 @@ def test_apply_and_restore_reach_every_node_and_a_returning_node_ends_cancelled_
     assert r.json()["nodes"]["node-c"] == "unreachable"
     c.start()
     assert c.api("GET", "/api/admin/bounce/v1").json() == []
+
+
+def test_the_bounce_list_sums_what_each_node_bounced(nodes):
+    a, b, c = nodes("node-a"), nodes("node-b"), nodes("node-c")
+    b.send(["b1@example.com", "b2@example.com"])
+    c.send(["c1@example.com"])
+    rule = _bounce(a, domain="example.com")["id"]
+    wait_for(lambda: len(b.records("AdminBounce")) == 2 and len(c.records("AdminBounce")) == 1)
+
+    def entry() -> dict:
+        return next(r for r in a.api("GET", "/api/admin/bounce/v1").json() if r["id"] == rule)
+
+    listed = wait_for(lambda: (e := entry())["total_bounced"] == 3 and e)  # heartbeats: 2 s
+    assert listed["bounced"] == {"example.com": 3}
+    assert {n: x["total_bounced"] for n, x in listed["nodes"].items()} == \
+        {"node-a": 0, "node-b": 2, "node-c": 1}

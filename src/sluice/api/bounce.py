@@ -14,7 +14,14 @@ from ..durations import format_duration
 from ..rules.book import Rule
 from ..rules.criteria import Criteria
 from .auth import actor_of
-from .cluster_rules import before_change, cancel_everywhere, publish_or_503, spread
+from .cluster_rules import (
+    before_change,
+    cancel_everywhere,
+    cluster_counts,
+    publish_or_503,
+    spread,
+    summed,
+)
 from .deps import services
 from .models import (
     ERROR_RESPONSES,
@@ -85,13 +92,19 @@ async def create_bounce(req: BounceRequest, request: Request, svc=Depends(servic
     return {"id": rule.id, "bounced": {}, "total_bounced": 0, "nodes": nodes}
 
 
-@router.get("", response_model=list[BounceListEntry])
+@router.get("", response_model=list[BounceListEntry], response_model_exclude_unset=True)
 async def list_bounces(svc=Depends(services)) -> list[dict]:
-    """The bounce rules in force, pending or active, with what each has bounced so far."""
+    """The bounce rules in force, pending or active, with what each has
+    bounced so far (in a cluster: summed over the live nodes, and per node)."""
     out = []
     now = time.time()
+    published = await cluster_counts(svc)
     for rule in svc.bounces.active():
-        entry = {**list_entry(rule), **svc.bounces.counts(rule), "state": "active"}
+        # "nodes" only in a cluster; every other field always
+        entry = {**list_entry(rule), **svc.bounces.counts(rule), "state": "active",
+                 "bounce_in": None, "held": None}
+        if published is not None:
+            entry.update(summed(rule.id, published))
         if rule.pending(now):
             entry.update(state="pending", held=await svc.bounces.held(rule),
                          bounce_in=format_duration(math.floor(rule.grace_until - now)))

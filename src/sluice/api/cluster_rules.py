@@ -51,3 +51,27 @@ async def publish_or_503(svc: Any, publish: Callable[[], Awaitable[dict[str, str
 async def cancel_everywhere(svc: Any, kind: str, rule_id: str) -> dict[str, str]:
     """Publish a cancel made here (see ``publish_or_503``)."""
     return await publish_or_503(svc, lambda: svc.cluster_rules.cancelled(kind, rule_id))
+
+
+async def cluster_counts(svc: Any) -> dict[str, dict[str, Any]] | None:
+    """Each live node's published bounce counts, by node (None outside a
+    cluster, or while Redis does not answer: the list shows this node's)."""
+    if svc.cluster is None:
+        return None
+    try:
+        nodes = await svc.cluster.nodes()
+    except ClusterUnavailable:
+        return None
+    return {n["name"]: n["figures"].get("bounced", {}) for n in nodes}
+
+
+def summed(rule_id: str, published: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A rule's counts over the nodes: per queue and in total, and each node's."""
+    per_node = {node: counts.get(rule_id, {"bounced": {}, "total_bounced": 0})
+                for node, counts in published.items()}
+    bounced: dict[str, int] = {}
+    for counts in per_node.values():
+        for queue, n in counts["bounced"].items():
+            bounced[queue] = bounced.get(queue, 0) + n
+    return {"bounced": bounced, "total_bounced": sum(c["total_bounced"] for c in per_node.values()),
+            "nodes": per_node}

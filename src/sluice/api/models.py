@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -195,6 +195,10 @@ class BounceListEntry(RuleListEntry):
     held: dict[str, int] | None = Field(default=None, description="What a pending rule holds.")
     bounced: dict[str, int]
     total_bounced: int
+    nodes: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="In a cluster: each live node's own bounced and "
+        "total_bounced (as it last published them, at most 2 s old); the counts above are "
+        "their sums.")
 
 
 class RestoreResponse(BaseModel):
