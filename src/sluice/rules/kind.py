@@ -82,18 +82,7 @@ class RuleKind:
         """Store the rule and put it in force; one with the same criteria is
         replaced (it ends). Audited in the same commit."""
         rule = new_rule(self.kind, criteria, reason, expires, suppress_logging, grace)
-        old = self.book.same_criteria(criteria)
-        matched = await self.matched(criteria)
-        await self.spool.save_rule(rule.to_row(), replaces=[r.id for r in old], audit=audit.entry(
-            f"{self.kind}-create", actor, rule_id=rule.id, request=request, matched=matched,
-            result={"id": rule.id, "replaced": [r.id for r in old]}))
-        for r in old:
-            self.book.remove(r.id)
-            await self._ended(r)
-        self.book.add(rule)
-        await self._changed()
-        await self._in_force(rule, at_start=False)
-        return rule
+        return await self._put_in_force(rule, actor, request, await self.matched(criteria))
 
     async def adopt(self, row: dict[str, Any], actor: Actor) -> Rule | None:
         """A rule made on another node of the cluster: stored and put in force
@@ -104,9 +93,15 @@ class RuleKind:
             return None
         if await self.spool.get_rule(rule.id) is not None:
             return None  # it was here and ended
+        return await self._put_in_force(rule, actor, row, matched=None)
+
+    async def _put_in_force(self, rule: Rule, actor: Actor, request: Any,
+                            matched: dict[str, int] | None) -> Rule:
+        """Store ``rule`` (ending those with the same criteria, audited in the
+        same commit) and put it in force everywhere mail is checked."""
         old = [r for r in self.book.same_criteria(rule.criteria) if r.id != rule.id]
         await self.spool.save_rule(rule.to_row(), replaces=[r.id for r in old], audit=audit.entry(
-            f"{self.kind}-create", actor, rule_id=rule.id, request=row,
+            f"{self.kind}-create", actor, rule_id=rule.id, request=request, matched=matched,
             result={"id": rule.id, "replaced": [r.id for r in old]}))
         for r in old:
             self.book.remove(r.id)
