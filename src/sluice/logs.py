@@ -72,6 +72,14 @@ class Tls:
     protocol_version: str
     peer_subject_name: tuple[str, ...] | None = None
 
+    @classmethod
+    def of(cls, ssl_object: Any, peer_subject_name: tuple[str, ...] | None = None) -> Tls | None:
+        """The TLS of a session from its ``ssl.SSLObject`` (None: plain text)."""
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return cls(cipher[0] if cipher else "", ssl_object.version() or "", peer_subject_name)
+
     def to_wire(self) -> list:
         return [self.cipher, self.protocol_version,
                 list(self.peer_subject_name) if self.peer_subject_name is not None else None]

@@ -55,7 +55,6 @@ def _tls_of(smtp: aiosmtplib.SMTP) -> Tls | None:
     ssl_object = smtp.get_transport_info("ssl_object")
     if ssl_object is None:
         return None
-    cipher = ssl_object.cipher()
     subject = None
     der = ssl_object.getpeercert(binary_form=True)
     if der:
@@ -64,7 +63,7 @@ def _tls_of(smtp: aiosmtplib.SMTP) -> Tls | None:
             subject = tuple(attr.rfc4514_string() for attr in cert.subject)
         except ValueError:
             subject = None
-    return Tls(cipher[0] if cipher else "", ssl_object.version() or "", subject)
+    return Tls.of(ssl_object, subject)
 
 
 def _ascii_path(address: str) -> str | None:

@@ -92,15 +92,6 @@ def _is_loopback(peer: Any) -> bool:
         return False
 
 
-def session_tls(transport: asyncio.BaseTransport | None) -> Tls | None:
-    """The TLS of a session, for its records (None in plain text)."""
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return Tls(cipher[0] if cipher else "", ssl_object.version() or "")
-
-
 _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)", re.S)
 
 
@@ -200,7 +191,6 @@ class SluiceSMTP(SMTP):
         self._reader._transport = secure  # type: ignore[attr-defined]
         self._writer._transport = secure  # type: ignore[attr-defined]
         self.transport = secure
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
         self._tls_protocol = secure  # type: ignore[assignment]  # "TLS is in use"
         self._set_rset_state()
         old = self.session
@@ -425,7 +415,7 @@ class ReceptionHandler:
         body = fold_long_lines(envelope.original_content or b"")
         peer = session.peer if isinstance(session.peer, tuple) else ("", "")
         protocol = _protocol(session)
-        tls = session_tls(server.transport)
+        tls = Tls.of(server.transport.get_extra_info("ssl_object") if server.transport else None)
         user = getattr(session, "sluice_user", None)
         # RFC 3848: ESMTPS with TLS, ESMTPA / ESMTPSA when authenticated
         with_ = protocol + ("S" if tls and protocol == "ESMTP" else "") + ("A" if user else "")
