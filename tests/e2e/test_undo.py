@@ -133,7 +133,8 @@ def test_restore_brings_back_mail_caught_on_arrival_after_the_rule_ended(make_se
     answer = srv.api("POST", "/api/admin/bounce/v1/restore", {"id": rule}).json()
     assert answer["total_restored"] == 1
     wait_for(lambda: sink.recipients() == ["caught@a.example"])
-    [delivered] = srv.records("Delivery")
+    # the log writer may lag the sink
+    [delivered] = wait_for(lambda: srv.records("Delivery"))
     assert delivered["id"] == srv.records("AdminRestore")[0]["id"]
 
 
