@@ -364,6 +364,9 @@ class ClusterSettings(_Section):
     """``[cluster]``: off unless ``redis_url`` is set."""
 
     redis_url: str | None = None   # redis://host:port/db, rediss://..., unix:///path
+    # The bearer token this node presents to another node's API (xfer);
+    # needed when it is not one of that node's trusted hosts.
+    token: str | None = None
 
     @field_validator("redis_url")
     @classmethod

@@ -32,6 +32,7 @@ EXPIRATION = "Expiration"
 ADMIN_BOUNCE = "AdminBounce"
 REJECTION = "Rejection"
 ADMIN_RESTORE = "AdminRestore"  # Sluice's own: a restore undid an AdminBounce
+ADMIN_REBIND = "AdminRebind"    # an xfer moved the message to another node (or gave it back)
 
 TERMINAL_TYPES = frozenset({DELIVERY, BOUNCE, EXPIRATION, ADMIN_BOUNCE})
 

@@ -31,6 +31,7 @@ from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
 from .node import NodeIdError, node_id
 from .queues.manager import QueueManager
+from .queues.xfer import Transfers
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
 from .reception.smtp import ReceptionHandler, dkim_signer, start_smtp
@@ -61,6 +62,7 @@ class Services:
     intake: Intake
     stats: Counter[str]
     dkim: DkimSigner | None   # None: no domain has a key
+    transfers: Transfers
     cluster: ClusterLink | None = None  # None: not in a cluster
     cluster_rules: ClusterRules | None = None
 
@@ -146,8 +148,9 @@ class Server:
         suspensions.also_held.append(bounces.holds_queue)  # a bounce rule in its grace
         intake = Intake(settings, spool, bounces, suspensions, nodeid, stats,
                         on_received=lambda queued: manager.wake())
+        transfers = Transfers(spool, nodeid, stats, settings.cluster.token, wake=manager.wake)
         self.services = Services(settings, spool, bounces, suspensions, manager, intake, stats,
-                                 dkim)
+                                 dkim, transfers)
         self._pruner: asyncio.Task | None = None
         self._smtp_sockets: list[socket.socket] = []
         self._smtp_servers: list[asyncio.base_events.Server] = []
@@ -189,6 +192,7 @@ class Server:
             s.cluster_rules = ClusterRules(s.cluster, {"bounce": s.bounces,
                                                        "suspend": s.suspensions})
             await s.cluster_rules.start()
+        await s.transfers.start()
         self._pruner = asyncio.create_task(self._prune_loop(), name="rule-pruner")
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",
                                 access_log=False, limit_concurrency=1000)
@@ -250,6 +254,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruner
         await s.bounces.stop()
+        await s.transfers.stop()
         if s.cluster_rules is not None:
             await s.cluster_rules.stop()
         if s.cluster is not None:

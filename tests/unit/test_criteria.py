@@ -302,7 +302,7 @@ def _sql_matches(pattern: str, value: str) -> bool:
     import sqlite3
 
     from sluice.message import glob_match
-    from sluice.spool.sqlite import _glob_sql
+    from sluice.spool.where import _glob_sql
 
     conn = sqlite3.connect(":memory:")
     conn.create_function("sluice_glob", 2, glob_match, deterministic=True)

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from . import audit, bounce, inject, inspect, metrics, status, suspend
+from . import audit, bounce, inject, inspect, metrics, status, suspend, xfer
 from .auth import Access
 from .limits import BodyLimit
 from .models import FieldError
@@ -47,7 +47,7 @@ def create_app(services: Services) -> FastAPI:
                   docs_url="/api-docs")
     app.state.services = services
     guard = [Depends(Access(services.settings.http))]
-    for module in (bounce, suspend, audit, inspect, inject, status, metrics):
+    for module in (bounce, suspend, xfer, audit, inspect, inject, status, metrics):
         app.include_router(module.router, dependencies=guard)
 
     @app.exception_handler(RequestValidationError)

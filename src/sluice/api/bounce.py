@@ -33,13 +33,13 @@ from .models import (
     FieldError,
     RestoreResponse,
     RuleId,
-    RuleRequest,
+    Selection,
 )
 
 router = APIRouter(prefix="/api/admin/bounce/v1", tags=["bounce"], responses=ERROR_RESPONSES)
 
 
-def criteria_of(req: RuleRequest) -> Criteria:
+def criteria_of(req: Selection) -> Criteria:
     """The request's selection, normalized (the one path from operator input to criteria)."""
     try:
         return Criteria.build(campaign=req.campaign, tenant=req.tenant, domain=req.domain,

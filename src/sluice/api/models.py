@@ -62,10 +62,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RuleRequest(_Strict):
-    """What bounce and suspend rules have in common: selection and lifetime."""
+class Selection(_Strict):
+    """Which mail: queue criteria (or exact queue names) and per-message ones."""
 
-    reason: StrictStr = Field(description="Why; shown in the list and the log records.")
     campaign: Label = None
     tenant: Label = None
     domain: Domain = None
@@ -77,17 +76,6 @@ class RuleRequest(_Strict):
     recipient: Pattern = Field(default=None, description="Envelope recipient glob, likewise.")
     older_than: StrictStr | None = Field(
         default=None, description="Only messages created more than this long ago, e.g. '2h'.")
-    duration: StrictStr | None = Field(
-        default=None, description="How long the rule stays in force, e.g. '5m', '1h 30m' (default 5m).")
-    expires: dt.datetime | None = Field(
-        default=None, description="RFC 3339 time the rule ends, instead of duration.")
-
-    @field_validator("reason")
-    @classmethod
-    def _reason(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
 
     @field_validator("queue_names")
     @classmethod
@@ -99,15 +87,49 @@ class RuleRequest(_Strict):
             raise ValueError("must be a non-empty list of non-empty queue names")
         return names
 
-    @field_validator("duration", "older_than")
+    @field_validator("older_than")
     @classmethod
-    def _duration(cls, v: str | None) -> str | None:
+    def _older_than(cls, v: str | None) -> str | None:
         if v is not None:
             parse_positive_duration(v)
         return v
 
     def older_than_seconds(self) -> float | None:
         return parse_positive_duration(self.older_than) if self.older_than is not None else None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Selection:
+        if self.queue_names is not None and any(
+                (self.campaign, self.tenant, self.domain, self.routing_domain)):
+            raise ValueError("queue_names cannot be combined with campaign, tenant, domain "
+                             "or routing_domain")
+        return self
+
+
+def _reason(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+Reason = Annotated[StrictStr, AfterValidator(_reason)]
+
+
+class RuleRequest(Selection):
+    """What bounce and suspend rules have in common: selection and lifetime."""
+
+    reason: Reason = Field(description="Why; shown in the list and the log records.")
+    duration: StrictStr | None = Field(
+        default=None, description="How long the rule stays in force, e.g. '5m', '1h 30m' (default 5m).")
+    expires: dt.datetime | None = Field(
+        default=None, description="RFC 3339 time the rule ends, instead of duration.")
+
+    @field_validator("duration")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_positive_duration(v)
+        return v
 
     @field_validator("expires")
     @classmethod
@@ -124,10 +146,6 @@ class RuleRequest(_Strict):
     def _exclusive(self) -> RuleRequest:
         if self.duration is not None and self.expires is not None:
             raise ValueError("give either duration or expires, not both")
-        if self.queue_names is not None and any(
-                (self.campaign, self.tenant, self.domain, self.routing_domain)):
-            raise ValueError("queue_names cannot be combined with campaign, tenant, domain "
-                             "or routing_domain")
         return self
 
     def expires_at(self) -> float:
@@ -338,3 +356,72 @@ class InjectResponse(BaseModel):
     fail_count: int
     failed_recipients: list[str]
     errors: list[str]
+
+
+XFER_QUEUE_SUFFIX = ".xfer.kumomta.internal"  # KumoMTA's name of an xfer's queue: <target> + this
+
+
+def _target(v: str) -> str:
+    v = v.strip()
+    scheme, sep, rest = v.partition("://")
+    host = rest.rstrip("/")
+    if (not sep or scheme.lower() not in ("http", "https") or not host
+            or any(c in host for c in "/?#@ ")):
+        raise ValueError("must be the other node's HTTP API base URL, like "
+                         "'http://10.0.0.2:8000' (no path)")
+    return f"{scheme.lower()}://{host}"
+
+
+Target = Annotated[StrictStr, AfterValidator(_target)]
+
+
+class XferRequest(Selection):
+    """KumoMTA's xfer: which mail, to which node, why."""
+
+    target: Target = Field(description="The other node's HTTP API base URL, e.g. "
+                                       "'http://10.0.0.2:8000'.")
+    reason: Reason = Field(description="Written into each message's AdminRebind record.")
+
+
+class XferResponse(BaseModel):
+    id: str
+    target: str
+    queue_name: str = Field(description="The xfer's queue, as KumoMTA names it (for xfer-cancel).")
+
+
+class XferListEntry(BaseModel):
+    id: str
+    target: str
+    queue_name: str
+    reason: str
+    criteria: dict[str, Any]
+    state: str = Field(description="'running', 'cancelled' or 'done'.")
+    waiting: int = Field(description="Taken out of their queues, not sent yet.")
+    sent: int = Field(description="Sent, waiting for the target's confirmation.")
+    moved: int = Field(description="Stored by the target and gone from this node.")
+    returned: int = Field(description="Given back to their queues by a cancel.")
+    error: str | None = Field(default=None, description="The last failure to reach the target.")
+
+
+class XferCancelRequest(_Strict):
+    id: StrictStr | None = Field(default=None, description="The xfer's id.")
+    queue_name: StrictStr | None = Field(
+        default=None, description="Or its queue name (every xfer to that target).")
+    reason: Reason = Field(description="Written into the AdminRebind record of each message "
+                                       "given back to its queue.")
+
+    @model_validator(mode="after")
+    def _one(self) -> XferCancelRequest:
+        if (self.id is None) == (self.queue_name is None):
+            raise ValueError("give either id or queue_name")
+        if self.queue_name is not None and not self.queue_name.endswith(XFER_QUEUE_SUFFIX):
+            raise ValueError(f"queue_name: must end with {XFER_QUEUE_SUFFIX}")
+        return self
+
+
+class XferCancelResponse(BaseModel):
+    cancelled: list[str]
+    returned: dict[str, int] = Field(description="Messages given back, per queue.")
+    total_returned: int
+    in_flight: int = Field(description="Already sent: they finish moving to the target "
+                                       "(the target may hold them already).")

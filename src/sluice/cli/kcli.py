@@ -95,7 +95,8 @@ def _selection(sel: dict[str, Any]) -> dict[str, Any]:
     return criteria
 
 
-def selection_options(f):
+def criteria_options(f):
+    """Which mail (``_selection``), and why."""
     f = click.option("--older-than", default=None,
                      help="Only messages created more than this long ago, e.g. 2h.")(f)
     f = click.option("--recipient", default=None, help="Recipient glob, e.g. '*@example.com'.")(f)
@@ -108,6 +109,12 @@ def selection_options(f):
     f = click.option("--tenant", default=None)(f)
     f = click.option("--campaign", default=None)(f)
     f = click.option("--reason", required=True, help="Why; written into the logs.")(f)
+    return f
+
+
+def selection_options(f):
+    """A rule's options: which mail, why, and for how long."""
+    f = criteria_options(f)
     f = click.option("--duration", default=None,
                      help="How long the rule keeps catching new mail (default 5m).")(f)
     return f
@@ -273,6 +280,56 @@ def suspend_cancel(client: Client, rule_id: str) -> None:
     """End a suspension; held mail is delivered within seconds."""
     client.call("DELETE", "/api/admin/suspend/v1", {"id": rule_id})
     click.echo(f"suspension {rule_id} cancelled")
+
+
+@cli.command()
+@criteria_options
+@click.option("--target", required=True,
+              help="The other node's HTTP API base URL, e.g. http://10.0.0.2:8000.")
+@click.pass_obj
+def xfer(client: Client, reason, target, **sel) -> None:
+    """Move matching queued mail to another node (e.g. to drain this one
+    before maintenance); each message leaves only once the target stored it."""
+    data = client.call("POST", "/api/admin/xfer/v1",
+                       {"reason": reason, "target": target, **_selection(sel)})
+    click.echo(data["id"])
+    click.echo(f"xfer to {data['target']} started (queue {data['queue_name']}); see kcli "
+               "xfer-list for progress, kcli xfer-cancel to stop it", err=True)
+
+
+@cli.command("xfer-list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON array.")
+@click.pass_obj
+def xfer_list(client: Client, as_json: bool) -> None:
+    """List this node's xfers and how far each has got."""
+    data = client.call("GET", "/api/admin/xfer/v1")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("ID", "TARGET", "STATE", "WAITING", "SENT", "MOVED", "RETURNED", "CRITERIA",
+                  "ERROR", box=None)
+    for e in data:
+        table.add_row(e["id"], e["target"], e["state"], str(e["waiting"]), str(e["sent"]),
+                      str(e["moved"]), str(e["returned"]), _criteria_text(e["criteria"]),
+                      e["error"] or "")
+    _console().print(table)
+
+
+@cli.command("xfer-cancel")
+@click.argument("queue_name", required=False)
+@click.option("--id", "xfer_id", default=None, help="The xfer's id (from xfer or xfer-list).")
+@click.option("--reason", required=True,
+              help="Written into the AdminRebind record of each message given back.")
+@click.pass_obj
+def xfer_cancel(client: Client, queue_name: str | None, xfer_id: str | None, reason: str) -> None:
+    """Stop an xfer, named by its queue (<target>.xfer.kumomta.internal: every
+    xfer to that target) or --id: what it has not sent goes back to its queues."""
+    if (queue_name is None) == (xfer_id is None):
+        raise click.UsageError("name the xfer's QUEUE_NAME or give --id, not both")
+    body = {"reason": reason, **({"id": xfer_id} if xfer_id else {"queue_name": queue_name})}
+    data = client.call("POST", "/api/admin/xfer-cancel/v1", body)
+    click.echo(f"cancelled {', '.join(data['cancelled'])}: {data['total_returned']} messages "
+               f"back in their queues, {data['in_flight']} already sent finish moving")
 
 
 def format_rate(per_second: float | None) -> str:

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..logs import RECEPTION, Response, Tls, make_record
-from ..message import Meta, normalize_label, queue_for, split_address
+from ..message import Meta, normalize_label, parse_queue_name, queue_for, split_address
 from ..spool import Inbound, Spool, new_message_id
+from ..xfer import PROTOCOL as XFER_PROTOCOL
 
 if TYPE_CHECKING:
     from ..rules.bounce import Bounces
+    from ..xfer import XferBatch
     from ..rules.suspend import Suspensions
 
 
@@ -101,7 +103,6 @@ class Intake:
         # The reply that acknowledges the message: to the end of DATA (".") in SMTP.
         ack = Response(250, "OK", (2, 0, 0), None if protocol == "HTTP" else ".")
         items: list[Inbound] = []
-        caught: Counter[tuple[str, str]] = Counter()
         meta_cache: dict[str, Meta] = {}
         for rcpt in recipients:
             _, domain = split_address(rcpt)
@@ -119,25 +120,75 @@ class Intake:
                 size=size, created=now, num_attempts=0, nodeid=self.nodeid,
                 response=ack, peer=peer, reception_protocol=protocol, session_id=session_id,
                 tls=tls, now=now))
-            rule = self.bounces.check(name, queue, item)
-            if rule is not None and rule.pending():
-                item.held = True  # in its grace: held, not bounced
-            elif rule is not None:
-                item.terminal = True
-                item.rule_id = rule.id
-                rec = self.bounces.record_at_reception(item, rule, size=size, meta=meta.as_dict(),
-                                                       session_id=session_id)
-                if rec is not None:
-                    item.records.append(rec)
-                caught[(rule.id, name)] += 1
-            else:
-                item.held = self.suspensions.check(name, queue, item) is not None
+            self._check(item, size, meta.as_dict(), session_id)
             items.append(item)
         await self.spool.receive(body, items)
+        return Accepted(ids=[i.id for i in items], bounced=self._received(items))
+
+    def _check(self, item: Inbound, size: int, meta: dict[str, str],
+               session_id: str | None) -> None:
+        """The rules' say on a message being received: a bounce rule catches it
+        (terminal, with its AdminBounce record), holds it (in the rule's grace),
+        or a suspension holds it."""
+        name = str(item.queue)
+        rule = self.bounces.check(name, item.queue, item)
+        if rule is not None and rule.pending():
+            item.held = True  # in its grace: held, not bounced
+        elif rule is not None:
+            item.terminal = True
+            item.rule_id = rule.id
+            rec = self.bounces.record_at_reception(item, rule, size=size, meta=meta,
+                                                   session_id=session_id)
+            if rec is not None:
+                item.records.append(rec)
+        else:
+            item.held = self.suspensions.check(name, item.queue, item) is not None
+
+    def _received(self, items: list[Inbound]) -> int:
+        """Count what was stored (committed); returns how many were bounced."""
         self.stats[RECEPTION] += len(items)
+        caught = Counter((i.rule_id, str(i.queue)) for i in items if i.terminal and i.rule_id)
         for (rule_id, name), n in caught.items():
             self.bounces.counted(rule_id, [(name, n)])
-        queued = len(items) - sum(caught.values())
-        if queued:
-            self.on_received(queued)
-        return Accepted(ids=[i.id for i in items], bounced=sum(caught.values()))
+        bounced = sum(1 for i in items if i.terminal)
+        if len(items) > bounced:
+            self.on_received(len(items) - bounced)
+        return bounced
+
+    async def accept_transferred(self, batch: XferBatch, peer: tuple[str, str] | None
+                                 ) -> tuple[int, int]:
+        """Store what an xfer of another node sent (see ``sluice.xfer``): each
+        message keeps its id, created time, due time and attempts, gets a
+        Reception record (protocol ``Xfer``) and the rules' checks. A message
+        already held here, or sent before by the same xfer, is skipped.
+        Returns (stored, known) once durable. ValueError: a message that
+        cannot be taken (its field named)."""
+        now = time.time()
+        ack = Response(250, "OK", (2, 0, 0), None)
+        items: list[Inbound] = []
+        for n, m in enumerate(batch.messages):
+            if not 0 <= m.body < len(batch.bodies):
+                raise ValueError(f"messages.{n}.body: no such body in the batch")
+            if not m.id or len(m.id) > 64 or not m.id.isalnum():
+                raise ValueError(f"messages.{n}.id: not a message id")
+            try:
+                queue = parse_queue_name(m.queue)
+                split_address(m.recipient)
+            except ValueError as exc:
+                raise ValueError(f"messages.{n}: {exc}") from None
+            size = len(batch.bodies[m.body])
+            item = Inbound(id=m.id, queue=queue, sender=m.sender, recipient=m.recipient,
+                           created=m.created, protocol=m.protocol, due=m.due,
+                           attempts=m.attempts, body=m.body)
+            item.records.append(make_record(
+                RECEPTION, msg_id=m.id, sender=m.sender, recipient=m.recipient,
+                queue=str(queue), meta=queue.meta(), size=size, created=m.created,
+                num_attempts=m.attempts, nodeid=self.nodeid, response=ack, peer=peer,
+                reception_protocol=XFER_PROTOCOL, now=now))
+            self._check(item, size, queue.meta(), None)
+            items.append(item)
+        if not items:
+            return 0, 0
+        fresh = await self.spool.receive_transferred(batch.xfer, batch.bodies, items)
+        self._received(fresh)
+        return len(fresh), len(items) - len(fresh)

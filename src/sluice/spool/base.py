@@ -47,6 +47,11 @@ class Inbound:
     terminal: bool = False
     rule_id: str | None = None
     held: bool = False
+    # A message another node transferred (xfer): its due time and attempts
+    # as they were there, and which of the batch's bodies is its own.
+    due: float | None = None
+    attempts: int = 0
+    body: int = 0
 
 
 @dataclass(slots=True)

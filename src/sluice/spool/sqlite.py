@@ -29,11 +29,15 @@ from ..logs import AUDIT, LogWriter
 from ..message import QueueName, glob_match
 from .base import Inbound, MessageFilter, PackFn, Stored
 from .index import QueueIndex
+from .where import where_sql as _where
+from .xfer import XferSpool
 
 SCHEDULED = 0   # waiting in its scheduled queue until due
 CLAIMED = 1     # promoted: in a ready queue or being delivered
 HELD = 2        # its queue is suspended; not considered for promotion
 RETAINED = 3    # admin-bounced, kept for a restore (``rule_key``, ``bounced_at`` say by whom, when)
+XFER = 4        # an xfer (``xfer_key``) will move it to another node; out of its queue
+XFER_SENT = 5   # sent to that node at least once; leaves when the node confirms it stored it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -97,6 +101,25 @@ CREATE TABLE IF NOT EXISTS audit (
     time REAL NOT NULL,
     entry BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS xfers (
+    id TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    criteria TEXT NOT NULL,
+    created REAL NOT NULL,
+    ended REAL,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    moved INTEGER NOT NULL DEFAULT 0,
+    returned INTEGER NOT NULL DEFAULT 0
+);
+-- On a target node: which messages each xfer (by its id) brought, so that a
+-- batch sent again after a failure or a crash is recognized, not stored twice.
+CREATE TABLE IF NOT EXISTS xfer_seen (
+    id TEXT NOT NULL,
+    xfer TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (id, xfer)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rule_restores (
     rule_id TEXT NOT NULL,
     queue TEXT NOT NULL,
@@ -107,63 +130,14 @@ CREATE TABLE IF NOT EXISTS rule_restores (
 
 # Columns added after the first release, for spools made before them.
 _ADDED_COLUMNS = {
-    "messages": [("protocol", "TEXT"), ("rule_key", "INTEGER"), ("bounced_at", "REAL")],
+    "messages": [("protocol", "TEXT"), ("rule_key", "INTEGER"), ("bounced_at", "REAL"),
+                 ("xfer_key", "INTEGER")],
     "rules": [("grace_until", "REAL NOT NULL DEFAULT 0"), ("ended", "REAL")],
 }
-
-
 
 _COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
 
 Op = Callable[[sqlite3.Connection], Any]
-
-
-def _like(pattern: str) -> str | None:
-    """A LIKE pattern that selects at least every ASCII value the glob
-    ``pattern`` matches (None for a pattern that is not ASCII)."""
-    if not pattern.isascii():
-        return None
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "[":  # a character class: any one character, the glob decides
-            start = i + 2 if pattern[i + 1:i + 2] == "!" else i + 1
-            end = pattern.find("]", start + 1)  # a "]" first in a class is literal
-            if end > 0:
-                out.append("_")
-                i = end + 1
-                continue
-        out.append({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\"}.get(c, c))
-        i += 1
-    return "".join(out)
-
-
-def _glob_sql(column: str, pattern: str, params: list[Any]) -> str:
-    """The glob check of ``column``: SQLite's own LIKE (case-insensitive for
-    ASCII) first, for ASCII values, so that the exact matcher (a Python
-    function) only runs for the rows LIKE lets through and for non-ASCII ones."""
-    like = _like(pattern)
-    params.append(pattern)
-    if like is None:
-        return f" AND sluice_glob(?, {column})"
-    params.insert(len(params) - 1, like)
-    return (f" AND (length(CAST({column} AS BLOB)) != length({column})"
-            f" OR {column} LIKE ? ESCAPE '\\') AND sluice_glob(?, {column})")
-
-
-def _where(f: MessageFilter | None) -> tuple[str, list[Any]]:
-    """SQL for per-message criteria: `` AND ...`` and its parameters."""
-    if f is None:
-        return "", []
-    sql, params = "", []
-    if f.sender is not None:
-        sql += _glob_sql("sender", f.sender, params)
-    if f.recipient is not None:
-        sql += _glob_sql("recipient", f.recipient, params)
-    if f.created_before is not None:
-        sql += " AND created < ?"
-        params.append(f.created_before)
-    return sql, params
 
 
 @dataclass(slots=True)
@@ -325,7 +299,7 @@ class SpoolReader:
         self._thread.shutdown(wait=True)
 
 
-class SqliteSpool:
+class SqliteSpool(XferSpool):
     """The embedded spool. See the module docstring for the threading model.
 
     ``index`` (the queue index) is kept by the spool alone, after each
@@ -377,6 +351,8 @@ class SqliteSpool:
                 for name, decl in added:
                     if name not in columns:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            conn.execute("CREATE INDEX IF NOT EXISTS messages_xfer ON messages(xfer_key, state)"
+                         " WHERE state IN (4, 5)")
             # Messages claimed by a previous run were never finished: at least
             # once delivery means they go back to their scheduled queue. Held
             # ones too: holds are recomputed from the rules once they are loaded.
@@ -385,7 +361,7 @@ class SqliteSpool:
                     "SELECT name, domain, campaign, tenant, routing_domain FROM queues"):
                 self.index.learn(QueueName(domain, campaign, tenant, routing))
             for name, n in conn.execute(
-                    "SELECT queue, count(*) FROM messages WHERE state != 3 GROUP BY queue"):
+                    "SELECT queue, count(*) FROM messages WHERE state IN (0, 1, 2) GROUP BY queue"):
                 self.index.add(name, n)
             self.retained_bytes, self._oldest_retained = conn.execute(
                 "SELECT coalesce(sum(size), 0), min(bounced_at) FROM messages WHERE state = 3"
