@@ -192,6 +192,8 @@ class Server:
             s.cluster_rules = ClusterRules(s.cluster, {"bounce": s.bounces,
                                                        "suspend": s.suspensions})
             await s.cluster_rules.start()
+            if s.manager.automation is not None:  # automatic rules hold cluster-wide too
+                s.manager.automation.share = s.cluster_rules.created
         await s.transfers.start()
         self._pruner = asyncio.create_task(self._prune_loop(), name="rule-pruner")
         config = uvicorn.Config(create_app(s), log_level="warning", lifespan="off",

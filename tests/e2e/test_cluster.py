@@ -26,11 +26,12 @@ def redis(tmp_path):
 def nodes(tmp_path, redis):
     started: list[Serve] = []
 
-    def make(name: str) -> Serve:
+    def make(name: str, extra: str = "", routes: dict[str, str] | None = None) -> Serve:
         d = tmp_path / name
         d.mkdir()
-        srv = Serve(d, node_name=name, queue=HELD, routes={"example.com": f"127.0.0.1:{free_port()}"},
-                    extra=f'[cluster]\nredis_url = "{redis.url}"\n')
+        srv = Serve(d, node_name=name, queue=HELD,
+                    routes={"example.com": f"127.0.0.1:{free_port()}", **(routes or {})},
+                    extra=f'[cluster]\nredis_url = "{redis.url}"\n{extra}')
         started.append(srv)
         return srv.start()
 
@@ -287,3 +288,27 @@ def test_the_bounce_list_sums_what_each_node_bounced(nodes):
     assert listed["bounced"] == {"example.com": 3}
     assert {n: x["total_bounced"] for n, x in listed["nodes"].items()} == \
         {"node-a": 0, "node-b": 2, "node-c": 1}
+
+
+def test_an_automatic_rule_holds_on_every_node(nodes, tmp_path):
+    from .test_automation import TSS04, RespondingSink, automation
+
+    sink = RespondingSink(tmp_path, {"throttled.example": TSS04})
+    try:
+        a = nodes("node-a", extra=automation("throttled.example", "suspend", "1h"),
+                  routes={"throttled.example": f"127.0.0.1:{sink.port}"})
+        b = nodes("node-b")
+        a.send(["t1@throttled.example"])
+        [rule] = wait_for(lambda: b.api("GET", "/api/admin/suspend/v1").json())
+        assert rule["domain"] == "throttled.example"
+        assert rule["reason"].startswith("automation: ")
+        assert [r["id"] for r in a.api("GET", "/api/admin/suspend/v1").json()] == [rule["id"]]
+        audit = [e for e in b.api("GET", "/api/admin/audit/v1").json()
+                 if e["rule_id"] == rule["id"]]
+        assert [e["actor"] for e in audit] == ["cluster:node-a"]
+        # an ordinary rule: cancelled on node-b, it ends on node-a too
+        r = b.api("DELETE", "/api/admin/suspend/v1", {"id": rule["id"]})
+        assert r.json()["nodes"] == {"node-a": "confirmed", "node-b": "confirmed"}
+        assert a.api("GET", "/api/admin/suspend/v1").json() == []
+    finally:
+        sink.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from sluice.audit import Actor
 from sluice.logs import Response
 from sluice.message import QueueName
 
@@ -81,3 +82,34 @@ async def test_responses_that_do_not_match_change_nothing(tmp_path):
         assert not engine._tasks  # an action would have its task from the call on
         await srv.api("GET", "/api/admin/suspend/v1")
         assert srv.services.suspensions.active() == []
+
+
+async def test_a_rule_made_or_extended_is_shared_and_a_shared_extension_is_adopted(tmp_path):
+    settings = _settings(tmp_path, {"regex": r"\[TSS04\]", "action": "suspend",
+                                    "duration": "10m"})
+    async with InProcess(settings) as srv:
+        engine = srv.services.manager.automation
+        suspensions = srv.services.suspensions
+        shared: list[dict] = []
+
+        async def share(rule) -> None:
+            shared.append(rule.to_row())
+
+        engine.share = share
+        engine.observe(QueueName("x.example"), TSS04, "site-x")
+        await until(lambda: len(shared) == 1)
+        time.sleep(0.05)
+        engine.observe(QueueName("x.example", campaign="c1"), TSS04, "site-x")
+        await until(lambda: len(shared) == 2)
+        assert shared[0]["id"] == shared[1]["id"]
+        assert shared[1]["expires"] > shared[0]["expires"]
+        # what another node does with them: adopt, then extend on the second
+        row = {**shared[1], "id": "5b0c1a1e-0000-4000-8000-000000000001",
+               "criteria": {**shared[1]["criteria"], "domain": "y.example"}}
+        actor = Actor("cluster:node-z")
+        adopted = await suspensions.adopt({**row, "expires": row["expires"] - 60}, actor)
+        assert adopted is not None
+        assert await suspensions.adopt({**row, "expires": row["expires"] - 60}, actor) is None
+        extended = await suspensions.adopt(row, actor)
+        assert extended is not None and extended.expires == row["expires"]
+        assert len(suspensions.active()) == 2

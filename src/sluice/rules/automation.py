@@ -16,7 +16,8 @@ A rule made here is like one an operator makes (stored, listed, cancellable,
 pushed everywhere, audited) with the reason ``automation: <regex>`` and the
 actor ``automation:<domain>#<n>``. While such a rule is in force, the same
 trigger extends it (its end moves to now + duration) instead of adding a
-second one.
+second one. In a cluster, ``share`` publishes the rule (made or extended)
+to the other nodes; with Redis away it stays on this node.
 
 The matching runs in the call that records the outcome (a regex search per
 entry); the action runs as a task of its own, so recording an outcome never
@@ -30,8 +31,8 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..audit import Actor
 from ..config import Automation, Settings
@@ -41,6 +42,7 @@ from .criteria import Criteria
 
 if TYPE_CHECKING:
     from ..delivery.dispatch import DeliveryPort
+    from .book import Rule
     from .bounce import Bounces
     from .kind import RuleKind
     from .suspend import Suspensions
@@ -69,6 +71,8 @@ class Automations:
         self._busy: set[tuple] = set()
         self._tasks: set[asyncio.Task] = set()
         self.enabled = any(s.automation for s in settings.shaping.values())
+        # In a cluster: publishes a rule made or extended here to the other nodes.
+        self.share: Callable[[Rule], Awaitable[Any]] | None = None
 
     def observe(self, parts: QueueName, resp: Response, site: str) -> None:
         """A TransientFailure or Bounce of mail of queue ``parts`` from ``site``."""
@@ -138,10 +142,16 @@ class Automations:
             mine = [r for r in kind.book.same_criteria(criteria)
                     if r.active() and r.reason.startswith(REASON_PREFIX)]
             if mine:
-                await kind.extend(mine[0].id, until, actor, request)
+                rule = await kind.extend(mine[0].id, until, actor, request)
             else:
-                await kind.create(criteria, REASON_PREFIX + entry.regex, until,
-                                  actor=actor, request=request)
+                rule = await kind.create(criteria, REASON_PREFIX + entry.regex, until,
+                                         actor=actor, request=request)
+            if rule is not None and self.share is not None:
+                try:
+                    await self.share(rule)
+                except Exception as exc:
+                    log.warning("automation %s: rule %s stays on this node: %s", name,
+                                rule.id, exc)
         except Exception:
             log.exception("automation %s could not act", name)
         finally:

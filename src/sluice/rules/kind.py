@@ -87,9 +87,16 @@ class RuleKind:
     async def adopt(self, row: dict[str, Any], actor: Actor) -> Rule | None:
         """A rule made on another node of the cluster: stored and put in force
         here with the same id (one with the same criteria is replaced, as by
-        ``create``). None when it is here already, or no longer active."""
+        ``create``); one here already is extended to its end there (an
+        automatic rule triggered again). None when it is here already with
+        that end, or no longer active."""
         rule = Rule.from_row({**row, "bounced": {}})
-        if self.book.get(rule.id) is not None or not rule.active():
+        here = self.book.get(rule.id)
+        if here is not None:
+            if rule.expires > here.expires:
+                return await self.extend(rule.id, rule.expires, actor, row)
+            return None
+        if not rule.active():
             return None
         if await self.spool.get_rule(rule.id) is not None:
             return None  # it was here and ended
