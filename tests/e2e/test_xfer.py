@@ -293,3 +293,24 @@ def test_the_source_presents_the_cluster_token_to_a_target_that_trusts_no_host(n
         "Authorization": "Bearer s3cret-xfer"}).json()["scheduled"] == {"example.com": 1})
     assert "s3cret" not in (a.data / "logs" / "audit.jsonl").read_text()
     assert not any("s3cret" in p.read_text() for p in Path(a.data / "logs").glob("*.jsonl"))
+
+
+def test_the_target_applies_its_own_rules_to_what_it_receives(nodes):
+    a, b = nodes("node-a"), nodes("node-b")
+    a.send(["x1@example.com", "x2@example.com"])
+    a.send(["y@example.net"])
+    wait_for(lambda: len(a.records("TransientFailure")) == 3)
+    rule = b.api("POST", "/api/admin/bounce/v1", {"domain": "example.com", "reason": "no more",
+                                                  "duration": "1h"}).json()["id"]
+    b.api("POST", "/api/admin/suspend/v1", {"domain": "example.net", "reason": "later"})
+    a.api("POST", "/api/admin/xfer/v1", {"target": b.endpoint, "reason": "drain"}
+          ).raise_for_status()
+    wait_for(lambda: [x["state"] for x in xfer_rows(a)] == ["done"])
+    assert a.scheduled() == {}
+    bounced = wait_for(lambda: len(b.records("AdminBounce")) == 2 and b.records("AdminBounce"))
+    assert {r["recipient"] for r in bounced} == {"x1@example.com", "x2@example.com"}
+    assert b.scheduled() == {"example.net": 1}  # held by the suspension
+    # what the bounce rule caught there is retained there: a restore brings it back
+    answer = b.api("POST", "/api/admin/bounce/v1/restore", {"id": rule}).json()
+    assert answer["total_restored"] == 2
+    assert b.scheduled() == {"example.com": 2, "example.net": 1}

@@ -479,16 +479,25 @@ class SqliteSpool(XferSpool):
                       self._rule_key(conn, i.rule_id) if i.terminal and i.rule_id else None,
                       i.created if i.terminal else None) for i in stored])
             self._add_records(conn, records)
-            by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-            for i in items:
-                if i.terminal and i.rule_id:
-                    by_rule[i.rule_id][str(i.queue)] += 1
-            for rule_id, per_queue in by_rule.items():
-                self._count_rule(conn, rule_id, per_queue)
+            self._count_caught(conn, items)
 
         await self._submit(op)
         for i in retained:
             self._retained(i.created, size)
+        self._index_stored(stored)
+
+    def _count_caught(self, conn: sqlite3.Connection, items: Iterable[Inbound]) -> None:
+        """Count, per rule and queue, the received messages a bounce rule caught."""
+        by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for i in items:
+            if i.terminal and i.rule_id:
+                by_rule[i.rule_id][str(i.queue)] += 1
+        for rule_id, per_queue in by_rule.items():
+            self._count_rule(conn, rule_id, per_queue)
+
+    def _index_stored(self, stored: Iterable[Inbound]) -> None:
+        """The queue index after received messages were committed (retained
+        ones are known, not counted)."""
         for i in stored:
             name = self.index.learn(i.queue)
             if not i.terminal:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -56,8 +56,8 @@ class XferSpool:
         def _add_records(self, conn: sqlite3.Connection, records: list[bytes]) -> None: ...
         def _add_audit(self, conn: sqlite3.Connection, entry: bytes | None) -> None: ...
         def _rule_key(self, conn: sqlite3.Connection, rule_id: str) -> int | None: ...
-        def _count_rule(self, conn: sqlite3.Connection, rule_id: str,
-                        per_queue: dict[str, int]) -> None: ...
+        def _count_caught(self, conn: sqlite3.Connection, items: Iterable[Inbound]) -> None: ...
+        def _index_stored(self, stored: Iterable[Inbound]) -> None: ...
         def _retained(self, when: float, size: int) -> None: ...
 
     # -- the source --------------------------------------------------------
@@ -235,7 +235,7 @@ class XferSpool:
         retain = self.retain
         now = time.time()
 
-        def op(conn: sqlite3.Connection) -> list[Inbound]:
+        def op(conn: sqlite3.Connection) -> tuple[list[Inbound], list[Inbound]]:
             ids = [i.id for i in items]
             known = {r for (r,) in conn.execute(
                 f"SELECT id FROM xfer_seen WHERE xfer = ? AND id IN ({_in(len(ids))})",
@@ -264,25 +264,14 @@ class XferSpool:
             conn.executemany("INSERT INTO xfer_seen(id, xfer, at) VALUES (?, ?, ?)",
                              [(i.id, xfer_id, now) for i in fresh])
             self._add_records(conn, [r for i in fresh for r in i.records])
-            by_rule: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-            for i in fresh:
-                if i.terminal and i.rule_id:
-                    by_rule[i.rule_id][str(i.queue)] += 1
-            for rule_id, per_queue in by_rule.items():
-                self._count_rule(conn, rule_id, per_queue)
-            return fresh
+            self._count_caught(conn, fresh)
+            return fresh, stored
 
-        fresh = await self._submit(op)
-        for i in fresh:
+        fresh, stored = await self._submit(op)
+        for i in stored:
             if i.terminal:
-                if retain and i.rule_id:
-                    self.index.learn(i.queue)
-                    self._retained(now, len(bodies[i.body]))
-                continue
-            name = self.index.learn(i.queue)
-            self.index.add(name)
-            if i.held:
-                self.index.hold([name])
+                self._retained(now, len(bodies[i.body]))
+        self._index_stored(stored)
         return fresh
 
     async def forget_seen(self, before: float) -> int:
