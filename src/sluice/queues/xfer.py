@@ -130,7 +130,8 @@ class Transfers:
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=POST_TIMEOUT, headers=self._headers)
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(POST_TIMEOUT, connect=5.0),
+                                             headers=self._headers)
         return self._client
 
     # -- operator calls ----------------------------------------------------

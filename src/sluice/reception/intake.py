@@ -24,8 +24,8 @@ from ..xfer import PROTOCOL as XFER_PROTOCOL
 
 if TYPE_CHECKING:
     from ..rules.bounce import Bounces
-    from ..xfer import XferBatch
     from ..rules.suspend import Suspensions
+    from ..xfer import XferBatch
 
 
 def header_values(body: bytes, names: list[str]) -> dict[str, str]:
