@@ -312,3 +312,20 @@ def test_an_automatic_rule_holds_on_every_node(nodes, tmp_path):
         assert a.api("GET", "/api/admin/suspend/v1").json() == []
     finally:
         sink.stop()
+
+
+def test_a_redis_that_lost_the_rules_gets_them_again_from_the_nodes(nodes, redis):
+    a, b = nodes("node-a"), nodes("node-b")
+    rule = _bounce(a, campaign="spring")["id"]
+    redis.stop()
+    redis.start()  # empty: nothing is saved to disk
+    # the nodes find Redis again, see it lost the rules and publish them again
+    import redis as redis_client
+
+    with redis_client.Redis.from_url(redis.url) as r:
+        wait_for(lambda: r.hexists("sluice:rules", rule), timeout=30)
+    c = nodes("node-c")  # starts after the loss: learns the rule from Redis
+    assert [r["id"] for r in c.api("GET", "/api/admin/bounce/v1").json()] == [rule]
+    c.send(["z@example.com"], headers={"X-Campaign": "spring"})
+    wait_for(lambda: "z@example.com" in c.by_recipient("AdminBounce"))
+    assert b.api("GET", "/api/admin/bounce/v1").json()[0]["id"] == rule

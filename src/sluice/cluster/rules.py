@@ -22,7 +22,14 @@ A node that starts, or that finds Redis again after losing it, first takes
 every rule of ``sluice:rules`` it does not hold, and ends the rules it holds
 that the cluster ended meanwhile (the sorted set ``sluice:rules:ended``, by
 time, kept for ``ENDED_KEPT`` seconds): ``catch_up``, at start before its
-listeners open. Rules an automation makes or extends stay on their node.
+listeners open. Rules an automation makes or extends are published like an
+operator's (``rules.automation``).
+
+Redis may lose what it held (a restart without persistence, a failover
+before replication). The key ``sluice:rules:epoch``, set once the rules
+are there, tells: when ``catch_up`` finds it missing, the node publishes
+again every rule in force it holds that Redis lacks, so that a node that
+starts later still learns them.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 RULES = "sluice:rules"
 ENDED = "sluice:rules:ended"
 CHANGES = "sluice:rules:changes"
+EPOCH = "sluice:rules:epoch"
 CONFIRM_SECONDS = 2.0
 ENDED_KEPT = 7 * 86400
 
@@ -62,6 +70,7 @@ class ClusterRules:
         self.redis = link.redis
         self.kinds = kinds  # by kind name: "bounce", "suspend"
         self._task: asyncio.Task | None = None
+        self._caught_up = False  # the cluster's rules were read since the start
 
     # -- this node's changes ------------------------------------------------
 
@@ -127,6 +136,7 @@ class ClusterRules:
         """Take every rule of the cluster this node does not hold, and end
         those the cluster ended; returns how many changed here."""
         actor = Actor("cluster:catch-up")
+        lost = not await self.redis.exists(EPOCH)
         rows = await self.redis.hgetall(RULES)
         ended = {i.decode() for i in await self.redis.zrange(ENDED, 0, -1)}
         changed = 0
@@ -139,12 +149,32 @@ class ClusterRules:
             for rule in kind.active():
                 if rule.id in ended and await kind.cancel(rule.id, actor) is not None:
                     changed += 1
+        if lost:
+            await self._refill({k.decode() for k in rows}, ended)
         return changed
+
+    async def _refill(self, known: set[str], ended: set[str]) -> None:
+        """Redis lost the rules (or never had them): publish again the rules
+        in force here that it lacks, then mark it as holding them."""
+        mine = [r for kind in self.kinds.values() for r in kind.active()
+                if r.id not in known and r.id not in ended]
+        async with self.redis.pipeline(transaction=True) as p:
+            for rule in mine:
+                p.hset(RULES, rule.id, orjson.dumps(rule.to_row()))
+                p.publish(CHANGES, orjson.dumps({
+                    "op": "create", "kind": rule.kind, "id": rule.id, "origin": self.link.name,
+                    "change": uuid.uuid4().hex}))
+            p.set(EPOCH, str(time.time()))
+            await p.execute()
+        if mine:
+            log.warning("cluster: Redis lacked %d rule(s) in force here; published them again",
+                        len(mine))
 
     async def start(self) -> None:
         """Catch up (when Redis answers), then follow the changes."""
         try:
             taken = await self.catch_up()
+            self._caught_up = True
             if taken:
                 log.warning("cluster: %d rule(s) taken from the cluster at start", taken)
         except RedisError as exc:
@@ -158,8 +188,9 @@ class ClusterRules:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANGES)
-                if not first:
+                if not (first and self._caught_up):
                     await self.catch_up()  # what changed while Redis was away
+                    self._caught_up = True
                 first = False
                 async for message in pubsub.listen():
                     await self._apply(orjson.loads(message["data"]))
