@@ -54,17 +54,27 @@ def _port_range() -> tuple[int, int]:
     return low, high
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nothing listens on (see ``_port_range``)."""
+    """A port nothing listens on (see ``_port_range``), never the same one
+    twice in a test process: a port a test uses as a closed destination must
+    not become the listening port of a server started after it."""
     low, high = _port_range()
+    if len(_GIVEN) > (high - low) // 2:
+        _GIVEN.clear()  # a long run: start over (the oldest tests are long done)
     for _ in range(200):
         port = random.randrange(low, high)
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _GIVEN.add(port)
+        return port
     raise RuntimeError("no free port found")
 
 
