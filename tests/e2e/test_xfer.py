@@ -24,11 +24,12 @@ HELD = 'retry_interval = "1h"\nmax_retry_interval = "2h"'  # failed mail waits a
 def nodes(tmp_path):
     started: list[Serve] = []
 
-    def make(name: str, extra: str = "", queue: str = HELD, to: int | None = None) -> Serve:
+    def make(name: str, extra: str = "", queue: str = HELD, to: int | None = None,
+             smtp: str = "") -> Serve:
         """A node; ``to``: the port its example.com mail goes to (else a closed one)."""
         d = tmp_path / name
         d.mkdir()
-        srv = Serve(d, node_name=name, queue=queue, extra=extra,
+        srv = Serve(d, node_name=name, queue=queue, extra=extra, smtp=smtp,
                     routes={"example.com": f"127.0.0.1:{to or free_port()}",
                             "example.net": f"127.0.0.1:{free_port()}"})
         started.append(srv)
@@ -314,3 +315,16 @@ def test_the_target_applies_its_own_rules_to_what_it_receives(nodes):
     answer = b.api("POST", "/api/admin/bounce/v1/restore", {"id": rule}).json()
     assert answer["total_restored"] == 2
     assert b.scheduled() == {"example.com": 2, "example.net": 1}
+
+
+def test_batches_too_large_for_the_target_go_in_halves(nodes):
+    a = nodes("node-a")
+    b = nodes("node-b", smtp="max_message_size = 20000")  # requests up to about 100 KB
+    ids = fill(a, 1000)
+    r = a.api("POST", "/api/admin/xfer/v1", {"target": b.endpoint, "reason": "drain"})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: [x["state"] for x in xfer_rows(a)] == ["done"], timeout=60)
+    assert xfer_rows(a)[0]["moved"] == 1000
+    a.stop()
+    b.stop()
+    assert_once(a, b, ids, 1000)

@@ -58,6 +58,10 @@ QUEUE_SUFFIX = ".xfer.kumomta.internal"
 class TargetError(Exception):
     """The target cannot take the xfer (unreachable, refused us, or is this node)."""
 
+    def __init__(self, text: str, status: int | None = None) -> None:
+        super().__init__(text)
+        self.status = status  # the target's HTTP status, when it answered
+
 
 def queue_name(target: str) -> str:
     """KumoMTA's name of the xfer queue to ``target``."""
@@ -259,7 +263,8 @@ class Transfers:
                 await asyncio.wait_for(x.more.wait(), 0.5)
 
     async def _deliver(self, x: Xfer, msgs: list[Stored]) -> None:
-        """Send one batch until the target holds it, then delete it here."""
+        """Send one batch until the target holds it, then delete it here. A
+        batch too large for the target's request limit goes in halves."""
         bodies = await self.spool.load_bodies({m.body_id for m in msgs})
         order = {b: n for n, b in enumerate(bodies)}
         batch = XferBatch(xfer=x.id, source=self.nodeid, bodies=list(bodies.values()),
@@ -273,6 +278,11 @@ class Transfers:
                 x.error = None
                 break
             except TargetError as exc:
+                if exc.status == 413 and len(msgs) > 1:
+                    half = len(msgs) // 2
+                    await self._deliver(x, msgs[:half])
+                    await self._deliver(x, msgs[half:])
+                    return
                 x.error = str(exc)
                 log.warning("xfer %s: %s; sending again in %.1fs", x.id, exc, pause)
                 await asyncio.sleep(pause)
@@ -293,7 +303,8 @@ class Transfers:
                 text = resp.text
             hint = (" (send from one of its trusted_hosts, or set [cluster] token to one of its "
                     "tokens)" if resp.status_code == 401 else "")
-            raise TargetError(f"{target} answered {resp.status_code}: {text[:200]}{hint}")
+            raise TargetError(f"{target} answered {resp.status_code}: {text[:200]}{hint}",
+                              resp.status_code)
         try:
             receipt = XferReceipt(**resp.json())
         except (ValueError, TypeError):
