@@ -3,9 +3,9 @@ HTTP, every message exactly once, also when either node is killed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -65,6 +65,10 @@ def fill(srv: Serve, n: int, queue: str = "example.com") -> list[str]:
     conn.close()
     srv.start()
     return ids
+
+
+def _epoch(rfc3339: str) -> float:
+    return dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def held_ids(srv: Serve) -> dict[str, int]:
@@ -141,11 +145,6 @@ def test_xfer_moves_matching_mail_keeping_id_created_attempts_and_due(nodes):
     audit = [e for e in a.api("GET", "/api/admin/audit/v1").json() if e["action"] == "xfer"]
     assert audit and audit[0]["rule_id"] == xfer_id and audit[0]["matched"] == \
         {"spring:@example.com": 30}
-
-
-def _epoch(rfc3339: str) -> float:
-    import datetime as dt
-    return dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def test_the_target_delivers_what_it_received_with_the_same_id(nodes, sink):
