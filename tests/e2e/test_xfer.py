@@ -141,7 +141,7 @@ def test_xfer_moves_matching_mail_keeping_id_created_attempts_and_due(nodes):
     assert _epoch(shown["due"]) > time.time() + 3000
     assert shown["body"].endswith("X-Campaign: spring\r\n\r\nhello\r\n")
     table = a.kcli("xfer-list", check=True).stdout
-    assert xfer_id in table and "done" in table
+    assert xfer_id in table and "done" in table and "campaign=spring" in table
     audit = [e for e in a.api("GET", "/api/admin/audit/v1").json() if e["action"] == "xfer"]
     assert audit and audit[0]["rule_id"] == xfer_id and audit[0]["matched"] == \
         {"spring:@example.com": 30}
@@ -251,10 +251,15 @@ def test_bad_xfer_requests_get_a_clear_error_and_change_nothing(nodes):
                         ({"target": b.endpoint, "reason": "r", "duration": "5m"}, "duration")):
         r = a.api("POST", "/api/admin/xfer/v1", body)
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == field, (body, r.text)
+    r = a.api("POST", "/api/admin/xfer/v1", {"target": b.endpoint, "reason": "r",
+                                             "domain": "example.net", "older_than": "2h"})
+    assert r.status_code == 200
+    assert xfer_rows(a)[0]["criteria"]["older_than"] == "2h"
+    assert "older_than=2h" in a.kcli("xfer-list", check=True).stdout
     for target, says in (("http://127.0.0.1:1", "cannot reach"), (a.endpoint, "is this node")):
         r = a.api("POST", "/api/admin/xfer/v1", {"target": target, "reason": "r"})
         assert r.status_code == 502 and says in r.json()["error"], r.text
-    assert xfer_rows(a) == [] and a.scheduled() == {"example.com": 1}
+    assert len(xfer_rows(a)) == 1 and a.scheduled() == {"example.com": 1}
     for body, code in (({"id": "nope", "reason": "r"}, 404),
                        ({"reason": "r"}, 422),
                        ({"id": "x", "queue_name": "y.xfer.kumomta.internal", "reason": "r"}, 422),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
+from ..durations import format_duration
 from ..queues.xfer import TargetError, queue_name
 from ..spool.sqlite import SpoolClosed
 from ..xfer import RECEIVE_PATH, decode_batch
@@ -46,7 +47,12 @@ async def create_xfer(req: XferRequest, request: Request, svc=Depends(services))
 @router.get("/api/admin/xfer/v1", response_model=list[XferListEntry])
 async def list_xfers(svc=Depends(services)) -> list[dict]:
     """Every xfer of this node, running or ended, with its counts."""
-    return await svc.transfers.list()
+    out = await svc.transfers.list()
+    for row in out:  # as the rule lists show it: "2h", not seconds
+        older = row["criteria"].get("older_than")
+        if older is not None:
+            row["criteria"]["older_than"] = format_duration(older)
+    return out
 
 
 async def _cancel(req: XferCancelRequest, request: Request, svc) -> dict:
