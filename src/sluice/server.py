@@ -25,13 +25,13 @@ import uvicorn
 from .api.app import create_app
 from .cluster.link import ClusterLink
 from .cluster.rules import ClusterRules
+from .cluster.xfer import Transfers
 from .config import Settings, split_host_port
 from .delivery.mx import MxResolver
 from .delivery.process import DeliveryProcess
 from .delivery.routes import Router
 from .node import NodeIdError, node_id
 from .queues.manager import QueueManager
-from .queues.xfer import Transfers
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
 from .reception.smtp import ReceptionHandler, dkim_signer, start_smtp

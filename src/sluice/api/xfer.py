@@ -8,7 +8,7 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ..durations import format_duration
-from ..queues.xfer import TargetError, queue_name
+from ..cluster.xfer import TargetError, queue_name
 from ..spool.sqlite import SpoolClosed
 from ..xfer import RECEIVE_PATH, decode_batch
 from .auth import actor_of
