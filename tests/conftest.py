@@ -16,8 +16,15 @@ def sink(tmp_path):
 def make_serve(tmp_path):
     started: list[Serve] = []
 
-    def make(**kw) -> Serve:
-        srv = Serve(tmp_path, **kw)
+    def make(name: str | None = None, **kw) -> Serve:
+        """A server, not started yet; ``name``: a node of that name with a
+        directory of its own (for several servers in one test)."""
+        where = tmp_path
+        if name is not None:
+            where = tmp_path / name
+            where.mkdir()
+            kw["node_name"] = name
+        srv = Serve(where, **kw)
         started.append(srv)
         return srv
 

@@ -23,24 +23,13 @@ def redis(tmp_path):
 
 
 @pytest.fixture
-def nodes(tmp_path, redis):
-    started: list[Serve] = []
-
+def nodes(redis, make_serve):  # Redis stops after the nodes
     def make(name: str, extra: str = "", routes: dict[str, str] | None = None) -> Serve:
-        d = tmp_path / name
-        d.mkdir()
-        srv = Serve(d, node_name=name, queue=HELD,
-                    routes={"example.com": f"127.0.0.1:{free_port()}", **(routes or {})},
-                    extra=f'[cluster]\nredis_url = "{redis.url}"\n{extra}')
-        started.append(srv)
-        return srv.start()
+        return make_serve(name, queue=HELD,
+                          routes={"example.com": f"127.0.0.1:{free_port()}", **(routes or {})},
+                          extra=f'[cluster]\nredis_url = "{redis.url}"\n{extra}').start()
 
-    yield make
-    for srv in started:
-        try:
-            srv.stop()
-        except Exception:
-            srv.kill()
+    return make
 
 
 def status(srv: Serve) -> list[dict]:

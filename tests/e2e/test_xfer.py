@@ -21,26 +21,15 @@ HELD = 'retry_interval = "1h"\nmax_retry_interval = "2h"'  # failed mail waits a
 
 
 @pytest.fixture
-def nodes(tmp_path):
-    started: list[Serve] = []
-
+def nodes(make_serve):
     def make(name: str, extra: str = "", queue: str = HELD, to: int | None = None,
              smtp: str = "") -> Serve:
         """A node; ``to``: the port its example.com mail goes to (else a closed one)."""
-        d = tmp_path / name
-        d.mkdir()
-        srv = Serve(d, node_name=name, queue=queue, extra=extra, smtp=smtp,
-                    routes={"example.com": f"127.0.0.1:{to or free_port()}",
-                            "example.net": f"127.0.0.1:{free_port()}"})
-        started.append(srv)
-        return srv.start()
+        return make_serve(name, queue=queue, extra=extra, smtp=smtp,
+                          routes={"example.com": f"127.0.0.1:{to or free_port()}",
+                                  "example.net": f"127.0.0.1:{free_port()}"}).start()
 
-    yield make
-    for srv in started:
-        try:
-            srv.stop()
-        except Exception:
-            srv.kill()
+    return make
 
 
 def fill(srv: Serve, n: int, queue: str = "example.com") -> list[str]:
