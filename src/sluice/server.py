@@ -34,7 +34,7 @@ from .node import NodeIdError, node_id
 from .queues.manager import QueueManager
 from .reception.intake import Intake
 from .reception.pool import WorkerPool
-from .reception.smtp import ReceptionHandler, dkim_signer, start_smtp
+from .reception.smtp import ReceptionHandler, credentials, dkim_signer, start_smtp
 from .reception.tls import ensure_certificate
 from .rules.automation import Automations
 from .rules.bounce import Bounces
@@ -118,16 +118,13 @@ class Server:
     def __init__(self, settings: Settings, mx: MxResolver | None = None) -> None:
         self.settings = settings
         try:
-            node_id(settings.data_path)  # made here, before any part or child needs it
+            nodeid = node_id(settings.data_path)  # made here, before any part or child needs it
         except (OSError, NodeIdError) as exc:
             raise StartupError(f"server.data_dir {settings.server.data_dir}: {exc}") from None
         # The DKIM keys before anything is bound or opened: a key that cannot
         # be used is a bad configuration (ConfigError), and nothing listens.
         dkim = dkim_signer(settings)
-        if settings.smtp.auth_file:
-            from .reception.auth import Credentials
-            Credentials.load(settings.smtp.auth_file)
-        nodeid = node_id(settings.data_path)
+        credentials(settings)  # likewise: a bad auth_file line stops the start
         spool = SqliteSpool(settings.data_path)
         router = Router(settings.routes,
                         mx or MxResolver(nameservers=settings.delivery.nameservers))
@@ -177,7 +174,7 @@ class Server:
             host, port = split_host_port(self.settings.http.listen[0])
             http = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
             s.cluster = ClusterLink(self.settings.cluster.redis_url, self.settings.server.node_name,
-                                    node_id(self.settings.data_path), http, s.published)
+                                    s.intake.nodeid, http, s.published)
             await s.cluster.start()
         # The rules before anything that checks them.
         rows = await s.spool.load_rules()

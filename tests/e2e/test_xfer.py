@@ -222,8 +222,21 @@ def test_a_batch_sent_twice_is_stored_once(nodes):
     assert (again["stored"], again["known"]) == (0, 5)
     assert b.scheduled() == {"example.com": 5}
     assert len(wait_for(lambda: b.records("Reception"))) == 5
-    # the same message sent back later by another xfer is not taken for a repeat
-    assert first["node"] == again["node"]
+
+
+def test_mail_that_left_a_node_can_come_back_to_it_with_a_later_xfer(nodes):
+    """A target recognizes what the same xfer sent before, not every id it
+    ever saw: mail moved A -> B -> A -> B is on B at the end."""
+    a, b = nodes("node-a"), nodes("node-b")
+    a.send(["u1@example.com", "u2@example.com", "u3@example.com"])
+    wait_for(lambda: len(a.records("TransientFailure")) == 3)
+    ids = {r["id"] for r in a.records("Reception")}
+    for source, target, n in ((a, b, 1), (b, a, 1), (a, b, 2)):
+        r = source.api("POST", "/api/admin/xfer/v1", {"target": target.endpoint, "reason": "move"})
+        assert r.status_code == 200, r.text
+        wait_for(lambda s=source, n=n: [x["state"] for x in xfer_rows(s)] == ["done"] * n)
+        assert target.scheduled() == {"example.com": 3} and source.scheduled() == {}
+    assert {r["id"] for r in b.records("Reception") if r["reception_protocol"] == "Xfer"} == ids
 
 
 def test_bad_xfer_requests_get_a_clear_error_and_change_nothing(nodes):

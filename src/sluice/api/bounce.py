@@ -125,7 +125,6 @@ async def cancel_bounce(req: RuleId, request: Request, svc=Depends(services)) ->
     return out
 
 
-
 @router.post("/apply", responses={404: {"model": ErrorResponse}})
 async def apply_bounce(req: RuleId, request: Request, svc=Depends(services)) -> dict:
     """End a pending rule's grace now: it bounces what it held, and from now on."""

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +42,7 @@ from ..spool import Stored
 from .mx import DnsFailure
 from .ready import Site
 from .routes import Router
+from .shaping import SiteThrottles
 from .tls import TlsPolicy
 
 if TYPE_CHECKING:
@@ -116,14 +115,6 @@ class DeliveryPort(Protocol):
         """Stop after sends under way end; returns what was not finished."""
 
 
-def check_throttle(rate: float, until: float) -> None:
-    """ValueError unless ``rate`` (per second) is above 0 and both are finite numbers."""
-    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-        raise ValueError(f"a throttle's rate must be a number above 0 (got {rate!r})")
-    if not (isinstance(until, (int, float)) and math.isfinite(until)):
-        raise ValueError(f"a throttle's end must be a unix time (got {until!r})")
-
-
 class Dispatcher:
     """Next hops and ready queues (sites), in this process (a ``DeliveryPort``)."""
 
@@ -136,7 +127,7 @@ class Dispatcher:
         # is not the default; the key names the site in ``figures``.
         self.sites: dict[str, Site] = {}
         self.parts: dict[str, QueueName] = {}  # of the queues of messages handed over
-        self.throttles: dict[str, dict[float, float]] = {}  # site name -> {rate: until}
+        self.throttles = SiteThrottles()
         self._redis: Any = None  # for shared rates ([cluster]), made when first needed
 
     async def dispatch(self, msg: Stored, parts: QueueName) -> None:
@@ -167,7 +158,7 @@ class Dispatcher:
             limits = self.settings.limits_for(parts.domain)
             site = self.sites[key] = Site(hop, self.outcomes, limits, tls, mode,
                                           self._shared_rate(hop.site, limits))
-            for rate, until in self._throttles_of(hop.site).items():
+            for _, rate, until in self.throttles.in_force(hop.site):
                 site.throttle(rate, until)
         site.push(msg)
 
@@ -182,26 +173,9 @@ class Dispatcher:
             self._redis = aioredis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         return SharedRate(self._redis, site)
 
-    def _throttles_of(self, site: str) -> dict[float, float]:
-        """The throttles of ``site`` still in force (those that ended forgotten)."""
-        held = self.throttles.get(site)
-        if not held:
-            return {}
-        now = time.time()
-        for rate in [r for r, until in held.items() if until <= now]:
-            del held[rate]
-        if not held:
-            del self.throttles[site]
-            return {}
-        return dict(held)
-
     async def throttle(self, site: str, rate: float, until: float) -> None:
-        check_throttle(rate, until)
-        if until <= time.time():
+        if not self.throttles.add(site, rate, until):
             return
-        held = self.throttles.setdefault(site, {})
-        held[rate] = max(until, held.get(rate, until))
-        self._throttles_of(site)  # forget those that ended
         for s in list(self.sites.values()):
             if s.name == site:
                 s.throttle(rate, until)
@@ -223,8 +197,7 @@ class Dispatcher:
 
     async def figures(self) -> dict[str, dict[str, Any]]:
         """Per site: counts, limits and rates (see ``DeliveryPort.figures``)."""
-        for name in list(self.throttles):
-            self._throttles_of(name)  # forget those that ended
+        self.throttles.in_force()  # forget those that ended
         return {name: s.figures() for name, s in list(self.sites.items())}
 
     async def stop(self, grace: float) -> list[Stored]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,7 @@ from ..ipc import (
 )
 from ..message import QueueName
 from ..spool import Stored
-from .dispatch import check_throttle
+from .shaping import SiteThrottles
 
 if TYPE_CHECKING:
     from ..queues.manager import QueueManager
@@ -57,7 +56,7 @@ class DeliveryProcess:
         self.manager = manager
         self._bounces, self._suspensions = list(bounces), list(suspensions)
         self._rules_version = 0
-        self._throttles: dict[str, dict[float, float]] = {}  # site -> {rate: until}
+        self._throttles = SiteThrottles()
         self._throttles_version = 0
         self.out: dict[str, Stored] = {}  # handed over, fate not known yet
         self.proc: asyncio.subprocess.Process | None = None
@@ -236,29 +235,16 @@ class DeliveryProcess:
 
     def _throttles_in_force(self) -> list[Throttle]:
         """The throttles that have not ended (those that have are forgotten)."""
-        now = time.time()
-        out = []
-        for site, held in list(self._throttles.items()):
-            for rate, until in list(held.items()):
-                if until <= now:
-                    del held[rate]
-                else:
-                    out.append(Throttle(site=site, rate=rate, until=until))
-            if not held:
-                del self._throttles[site]
-        return out
+        return [Throttle(site=site, rate=rate, until=until)
+                for site, rate, until in self._throttles.in_force()]
 
     async def throttle(self, site: str, rate: float, until: float) -> None:
         """Lower ``site``'s message rate in the delivery process until ``until``
         (see ``DeliveryPort.throttle``); remembered, and sent again to a new
         delivery process before any message while it lasts."""
-        check_throttle(rate, until)
-        if until <= time.time():
+        if not self._throttles.add(site, rate, until):
             return
-        held = self._throttles.setdefault(site, {})
-        held[rate] = max(until, held.get(rate, until))
         self._throttles_version += 1
-        self._throttles_in_force()  # forget those that ended
         if not self._up or self.channel is None:
             return  # a process starting gets it before any message
         try:

@@ -18,6 +18,10 @@ wakes and reserves again, spaced from the last slot granted.
 
 ``RateMeter`` counts what was delivered over the last 10 seconds.
 
+``SiteThrottles`` remembers the throttles in force by site (unix times):
+where sites are made (the dispatcher) and where they are sent to a new
+delivery process (``DeliveryProcess``).
+
 Times are in the limiter's clock (``time.monotonic`` and the running loop's
 timers by default; tests give a fake clock).
 """
@@ -203,3 +207,40 @@ class RateMeter:
         now = int(self._clock())
         total = sum(n for s, n in self._counts if now - self.WINDOW <= s < now)
         return total / self.WINDOW
+
+
+def check_throttle(rate: float, until: float) -> None:
+    """ValueError unless ``rate`` (per second) is above 0 and both are finite numbers."""
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+        raise ValueError(f"a throttle's rate must be a number above 0 (got {rate!r})")
+    if not (isinstance(until, (int, float)) and math.isfinite(until)):
+        raise ValueError(f"a throttle's end must be a unix time (got {until!r})")
+
+
+class SiteThrottles(dict[str, dict[float, float]]):
+    """Site name -> {rate: until (a unix time)}: the throttles not ended yet."""
+
+    def add(self, site: str, rate: float, until: float) -> bool:
+        """Remember a throttle (ValueError for a bad one); False when it has ended already."""
+        check_throttle(rate, until)
+        if until <= time.time():
+            return False
+        held = self.setdefault(site, {})
+        held[rate] = max(until, held.get(rate, until))
+        self.in_force()  # forget those that ended
+        return True
+
+    def in_force(self, site: str | None = None) -> list[tuple[str, float, float]]:
+        """(site, rate, until) of each throttle not ended (of ``site`` only, if
+        given); those that ended are forgotten."""
+        now = time.time()
+        out = []
+        for name, held in list(self.items()):
+            for rate, until in list(held.items()):
+                if until <= now:
+                    del held[rate]
+                elif site is None or name == site:
+                    out.append((name, rate, until))
+            if not held:
+                del self[name]
+        return out

@@ -308,7 +308,7 @@ class ReceptionHandler:
         self.settings = settings
         self.intake = intake
         self.relay: list[IPNetwork] = settings.smtp.relay_networks()
-        self.credentials = _credentials(settings)
+        self.credentials = credentials(settings)
         self.nodeid = node_id(settings.data_path)
         self.dkim = dkim_signer(settings)  # keys loaded once per process
         # aiosmtpd's hook table, built once for every session
@@ -445,7 +445,7 @@ class ReceptionHandler:
             f" (+{len(accepted.ids) - 1})" if len(accepted.ids) > 1 else "")
 
 
-def _credentials(settings: Settings) -> Credentials | None:
+def credentials(settings: Settings) -> Credentials | None:
     """The auth_file's users; argon2 and bcrypt are loaded only when there is one."""
     if not settings.smtp.auth_file:
         return None

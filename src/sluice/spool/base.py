@@ -70,6 +70,10 @@ class Stored:
     protocol: str | None = None  # how it was received: the records' reception_protocol
 
 
+# A ``Stored``'s columns in the messages table, in its fields' order: ``Stored(*row)``.
+STORED_COLUMNS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
+
+
 @dataclass(frozen=True, slots=True)
 class MessageFilter:
     """Per-message criteria as the spool applies them to rows: glob patterns

@@ -27,6 +27,7 @@ import orjson
 
 from ..logs import AUDIT, LogWriter
 from ..message import QueueName, glob_match
+from .base import STORED_COLUMNS as _COLS
 from .base import Inbound, MessageFilter, PackFn, Stored
 from .index import QueueIndex
 from .where import where_sql as _where
@@ -134,8 +135,6 @@ _ADDED_COLUMNS = {
                  ("xfer_key", "INTEGER")],
     "rules": [("grace_until", "REAL NOT NULL DEFAULT 0"), ("ended", "REAL")],
 }
-
-_COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
 
 Op = Callable[[sqlite3.Connection], Any]
 

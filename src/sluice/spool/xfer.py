@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .base import STORED_COLUMNS as _COLS
 from .base import Inbound, MessageFilter, PackFn, Stored
 from .where import where_sql
 
@@ -30,13 +31,6 @@ if TYPE_CHECKING:
 
 # What the target remembers of each transfer, for recognizing a batch sent again.
 SEEN_SECONDS = 7 * 86400.0
-
-_COLS = "id, queue, sender, recipient, body_id, size, created, due, attempts, protocol"
-
-
-def _stored(r: tuple) -> Stored:
-    return Stored(*r)
-
 
 def _in(n: int) -> str:
     return ", ".join("?" * n)
@@ -167,7 +161,7 @@ class XferSpool:
             if not again and batch:
                 conn.execute(f"UPDATE messages SET state = 5 WHERE id IN ({_in(len(batch))})",
                              [r[0] for r in batch])
-            return [_stored(r) for r in batch]
+            return [Stored(*r) for r in batch]
 
         return await self._submit(op)
 
@@ -180,7 +174,7 @@ class XferSpool:
         """The target holds ``msgs``: delete them here, with their records."""
 
         def op(conn: sqlite3.Connection) -> int:
-            gone = [_stored(r) for r in conn.execute(
+            gone = [Stored(*r) for r in conn.execute(
                 f"DELETE FROM messages WHERE id IN ({_in(len(msgs))}) AND state = 5"
                 f" RETURNING {_COLS}", [m.id for m in msgs]).fetchall()]
             if gone:
@@ -201,7 +195,7 @@ class XferSpool:
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             key = self._xfer_key(conn, xfer_id)
-            msgs = [_stored(r) for r in conn.execute(
+            msgs = [Stored(*r) for r in conn.execute(
                 "UPDATE messages SET state = 0, xfer_key = NULL WHERE id IN (SELECT id FROM"
                 f" messages WHERE xfer_key = ? AND state = 4 LIMIT ?) RETURNING {_COLS}",
                 (key, limit)).fetchall()]
